@@ -1,0 +1,231 @@
+"""The `adapt` command line: parse, build configs, call the library. Nothing else lives here.
+
+Heavy libraries (torch, diffusers, ...) are imported inside the commands, after the arguments
+and the recipe have been checked, so `adapt --help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from .config import field_help as H
+from .errors import AdaptError
+
+HELP = """Fine-tune Stable-Diffusion-style models on one GPU (or CPU) and generate with the result.
+
+\b
+Examples:
+  adapt lora --images examples/cat --token "<sks>"            # LoRA on the bundled base model
+  adapt generate "a photo of <sks>" --lora outputs/lora-.../pytorch_lora_weights.safetensors:0.8
+  adapt eval --prompts adapt/base/training_set.jsonl --refs DIR  # score a model against references
+  adapt schedulers                                             # the sampler names generate accepts
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
+log = logging.getLogger("adapt")
+_DEBUG = {"on": bool(os.environ.get("ADAPT_DEBUG"))}
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and one-line logs only; libraries' info chatter is hidden."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("bitsandbytes", "accelerate", "peft", "diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def user_errors(fn):
+    """AdaptError -> one line on stderr, exit code 2 (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AdaptError as e:
+            if _DEBUG["on"]:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted; files already written are complete", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False):
+    _DEBUG["on"] = _DEBUG["on"] or debug
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    _quiet_libraries()
+
+
+# --- options shared by the training commands (help text comes from adapt/config.py) -------------
+Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers folder or a cached hub id. Default: the bundled emoji base model.")]
+Output = Annotated[Optional[Path], typer.Option(help="Run folder. Default: outputs/<method>-<timestamp>.")]
+Recipe = Annotated[Optional[Path], typer.Option(help="TOML recipe with [data] [lora] [train] defaults; flags override it.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a finished run already in --output.")]
+Images = Annotated[Optional[Path], typer.Option(help=H("data", "images"))]
+Token = Annotated[Optional[str], typer.Option(help=H("data", "token"))]
+Prompt = Annotated[Optional[str], typer.Option(help=H("data", "prompt"))]
+ClassWord = Annotated[Optional[str], typer.Option(help=H("data", "class_word"))]
+Resolution = Annotated[Optional[int], typer.Option(help=H("data", "resolution"))]
+RandomFlip = Annotated[Optional[bool], typer.Option("--random-flip/--no-random-flip", help=H("data", "random_flip"), show_default=False)]
+Steps = Annotated[Optional[int], typer.Option(help=H("train", "steps"))]
+BatchSize = Annotated[Optional[int], typer.Option(help=H("train", "batch_size"))]
+GradAccum = Annotated[Optional[int], typer.Option(help=H("train", "grad_accum"))]
+Lr = Annotated[Optional[float], typer.Option(help=H("train", "lr"))]
+LrScheduler = Annotated[Optional[str], typer.Option(help=H("train", "lr_scheduler"))]
+Warmup = Annotated[Optional[int], typer.Option(help=H("train", "warmup_steps"))]
+Optimizer = Annotated[Optional[str], typer.Option(help=H("train", "optimizer"))]
+MaxGradNorm = Annotated[Optional[float], typer.Option(help=H("train", "max_grad_norm"))]
+Precision = Annotated[Optional[str], typer.Option(help=H("train", "mixed_precision"))]
+GradCkpt = Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=H("train", "gradient_checkpointing"), show_default=False)]
+CacheLatents = Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help=H("train", "cache_latents"), show_default=False)]
+CacheText = Annotated[Optional[bool], typer.Option("--cache-text/--no-cache-text", help=H("train", "cache_text"), show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(help=H("train", "seed"))]
+
+
+def _output_dir(output: Path | None, method: str, overwrite: bool) -> Path:
+    from .formats import RECIPE_FILE
+
+    out = output or Path("outputs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise AdaptError(f"--output {out} is a file; pass a folder for the run")
+    if (out / RECIPE_FILE).exists() and not overwrite:
+        raise AdaptError(f"{out} already holds a finished run; pass another --output or --overwrite to replace it")
+    return out
+
+
+def _train(method_name: str, options: dict) -> None:
+    """Shared body of the training commands: configs -> components -> the one loop."""
+    from . import __version__
+    from .config import build, read_recipe, to_dict
+
+    recipe = read_recipe(options["recipe"]) if options.get("recipe") else None
+    data = build("data", recipe, {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()})
+    train_cfg = build("train", recipe, options)
+    method_cfg = build("lora", recipe, options) if method_name == "lora" else None
+    if data.images is None:
+        raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files)")
+    if data.token is None:
+        raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
+    out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
+
+    from .data import instance_examples
+
+    examples = instance_examples(data.images, data.token, data.prompt, data.class_word)
+    log.info("%d images from %s; e.g. prompt: %r", len(examples), data.images, examples[0].prompt)
+
+    from .methods.lora import LoraMethod
+    from .models import load_components
+    from .train import train
+
+    components = load_components(options.get("model"))
+    resolution = data.resolution or components.resolution
+    method = LoraMethod(method_cfg)
+    run_recipe = {"method": method_name, "base_model": str(options.get("model") or "bundled"),
+                  "adapt_version": __version__, **to_dict(*(c for c in (data, method_cfg, train_cfg) if c))}
+    run_recipe["data"]["resolution"] = resolution
+    log.info("training %s for %d steps at %d px -> %s", method_name, train_cfg.steps, resolution, out)
+    result = train(components, method, examples, train_cfg, out, resolution=resolution,
+                   random_flip=data.random_flip, recipe=run_recipe)
+    losses = result["losses"]
+    log.info("done in %.0f s: loss %.4f -> %.4f (mean of last 10%%); wrote %s", result["seconds"], losses[0],
+             sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10), out)
+
+
+@app.command(help="""Train a LoRA on the UNet's attention (Q,K by default) for a concept in a folder of images.
+
+\b
+Example:
+  adapt lora --images examples/cat --token "<sks>" --class-word "cat face" --steps 300
+""")
+@user_errors
+def lora(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
+         recipe: Recipe = None, overwrite: Overwrite = False,
+         prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None,
+         rank: Annotated[Optional[int], typer.Option(help=H("lora", "rank"))] = None,
+         alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha"))] = None,
+         targets: Annotated[Optional[str], typer.Option(help=H("lora", "targets"))] = None,
+         train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help=H("lora", "train_text_encoder"), show_default=False)] = None,
+         steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None, lr: Lr = None,
+         lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
+         max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
+         cache_latents: CacheLatents = None, cache_text: CacheText = None, seed: Seed = None):
+    _train("lora", dict(locals()))
+
+
+@app.command(help="""Generate images with a base model, LoRAs (each with its own weight) and a scheduler by name.
+
+\b
+Example:
+  adapt generate "a photo of <sks>" --lora outputs/cat/pytorch_lora_weights.safetensors:0.8 \\
+      --scheduler dpm++2m-karras --steps 25 --seed 0 --num-images 4
+""")
+@user_errors
+def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
+             model: Model = None,
+             lora: Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")] = None,
+             scheduler: Annotated[str, typer.Option(help="Sampler name; `adapt schedulers` lists them.")] = "dpm++2m-karras",
+             steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+             guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 7.5,
+             negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
+             seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
+             num_images: Annotated[int, typer.Option(help="How many images.")] = 1,
+             size: Annotated[Optional[int], typer.Option(help="Image size in pixels. Default: the model's native size.")] = None,
+             output: Annotated[Optional[Path], typer.Option(help="Folder for image-NNN.png, grid.png, generation.json. Default: outputs/generate-<timestamp>.")] = None):
+    from .schedulers import scheduler_names
+
+    if scheduler not in scheduler_names():
+        raise AdaptError(f"unknown scheduler '{scheduler}'; choose one of: {', '.join(scheduler_names())}")
+    if num_images < 1 or steps < 1:
+        raise AdaptError("--num-images and --steps must be >= 1")
+    if size is not None and (size < 8 or size % 8):
+        raise AdaptError(f"--size {size} must be a positive multiple of 8")
+    from .infer import parse_weighted
+
+    loras = [parse_weighted(s) for s in (lora or [])]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise AdaptError(f"LoRA file {path} not found; pass FILE[:WEIGHT] with an existing .safetensors file")
+    out = output or Path("outputs") / f"generate-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    from .infer import generate as render, load_pipeline, write_images
+
+    pipe = load_pipeline(model, scheduler, loras=loras)
+    seeds = [seed + i for i in range(num_images)]
+    images = render(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance,
+                    negative_prompt=negative_prompt, size=size)
+    settings = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model or "bundled",
+                "loras": [{"file": p, "weight": w} for p, w in loras], "scheduler": scheduler, "steps": steps,
+                "guidance": guidance, "seeds": seeds, "size": size}
+    write_images(images, out, settings)
+    log.info("wrote %d image(s) and grid.png to %s", len(images), out)
+
+
+@app.command(help="List the sampler names `generate` accepts, with when to choose each.")
+def schedulers():
+    from .schedulers import SCHEDULERS
+
+    width = max(map(len, SCHEDULERS))
+    for name, spec in SCHEDULERS.items():
+        typer.echo(f"{name:<{width}}  {'stochastic' if spec.stochastic else 'deterministic':<13}  {spec.note}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Typed run configuration and recipe loading.
+
+A run is described by three small dataclasses, each read only by the code that needs it:
+`DataConfig` (data.py), `LoraConfig` (methods/lora.py) and `TrainConfig` (train.py).
+Values come from three layers, later ones winning: the dataclass defaults, a recipe TOML file
+(sections `[data]`, `[lora]`, `[train]`), then the flags given on the command line. An unknown
+section or key, or a value of the wrong type, is an error at load time.
+
+This module imports nothing heavy: the CLI builds configs (and reports mistakes in them) before
+torch is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AdaptError
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    images: str | None = _f(None, "Folder of training images; `name.txt` beside an image is its caption.")
+    token: str | None = _f(None, "The rare word the concept is bound to, e.g. '<sks>'. Must not contain spaces.")
+    prompt: str = _f("a photo of {token}", "Prompt template for images without a caption file; {token} and {class_word} are filled in.")
+    class_word: str | None = _f(None, "The concept's class, e.g. 'cat'; appended to the default prompt as 'a photo of {token} {class_word}'.")
+    resolution: int | None = _f(None, "Training size in pixels (resize shorter side, center crop). Default: the model's native size.")
+    random_flip: bool = _f(False, "Also train on horizontally flipped images (doubles the latent cache).")
+
+    def __post_init__(self):
+        if self.token is not None:
+            if not self.token.strip():
+                raise AdaptError("the token is empty; pass a rare word such as --token '<sks>'")
+            if any(c.isspace() for c in self.token):
+                raise AdaptError(f"the token {self.token!r} contains whitespace; use one word such as '<sks>'")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise AdaptError(f"resolution {self.resolution} must be a positive multiple of 8, e.g. 512")
+
+
+LORA_TARGET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(4, "LoRA rank r: the adapter's inner size. Higher learns more, file grows linearly.")
+    alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to the rank (scale 1).")
+    targets: list[str] = _f(("q", "k"), "UNet attention projections to adapt: any of q,k,v,out (or module names like to_q).")
+    train_text_encoder: bool = _f(False, "Also put LoRA on the text encoder's q_proj/k_proj.")
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        self.targets = list(self.targets)
+        if not self.targets:
+            raise AdaptError("--targets is empty; choose from q,k,v,out")
+        if self.rank < 1:
+            raise AdaptError(f"--rank must be >= 1, got {self.rank}")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Short names mapped to diffusers' attention module names (q -> to_q, out -> to_out.0)."""
+        return [LORA_TARGET_ALIASES.get(t, t) for t in self.targets]
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(500, "Optimizer steps (each is batch_size x grad_accum images).")
+    batch_size: int = _f(1, "Images per forward pass.")
+    grad_accum: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.")
+    lr: float = _f(1e-4, "Learning rate.")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
+    warmup_steps: int = _f(0, "Linear warm-up steps of the learning-rate schedule.")
+    optimizer: str = _f("adamw", "adamw (torch) or adamw8bit (bitsandbytes: ~75% less optimizer memory, needs a GPU build).")
+    weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
+    mixed_precision: str = _f("no", "no | fp16 | bf16. Frozen weights run in this dtype; trainable weights stay fp32.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
+    cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
+    cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")
+    seed: int = _f(0, "Seed for noise, timesteps, data order and new weights.")
+
+    def __post_init__(self):
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("mixed precision", self.mixed_precision, PRECISIONS)
+        _choice("lr scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise AdaptError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise AdaptError(f"--lr must be > 0, got {self.lr}")
+
+
+def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise AdaptError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+
+
+def field_help(section: str, name: str) -> str:
+    """Help text for a CLI option, taken from the config field so it is written once."""
+    f = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
+    default = f.default
+    if isinstance(default, (list, tuple)):
+        default = ",".join(default)
+    return f"{f.metadata['help']} [default: {default}]" if default is not None else f.metadata["help"]
+
+
+def _check_type(section: str, f: dataclasses.Field, value: Any) -> Any:
+    kind = str(f.type)
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list": isinstance(value, (list, str)),
+    }
+    base = kind.split("|")[0].strip().split("[")[0]
+    if value is None and "None" in kind:
+        return value
+    if not ok.get(base, True):
+        raise AdaptError(f"recipe key [{section}] {f.name} = {value!r} should be of type {base}")
+    return float(value) if base == "float" else value
+
+
+def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Parse a recipe TOML into {section: {key: value}}, rejecting unknown sections and keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdaptError(f"recipe {path} not found; pass an existing .toml file (see recipes/)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise AdaptError(f"recipe {path} is not valid TOML: {e}") from None
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise AdaptError(f"recipe {path}: unknown section [{section}]; valid: {', '.join(f'[{s}]' for s in SECTIONS)}")
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in fields:
+                raise AdaptError(f"recipe {path}: unknown key '{key}' in [{section}]; valid: {', '.join(fields)}")
+            out.setdefault(section, {})[key] = _check_type(section, fields[key], value)
+    return out
+
+
+def build(section: str, recipe: dict[str, dict[str, Any]] | None, overrides: dict[str, Any]):
+    """Defaults < recipe < command-line flags (None means 'not given on the command line')."""
+    cls = SECTIONS[section]
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = dict((recipe or {}).get(section, {}))
+    values.update({k: v for k, v in overrides.items() if k in names and v is not None})
+    return cls(**values)
+
+
+def to_dict(*configs) -> dict[str, dict[str, Any]]:
+    """The recipe that reproduces a run: every section with every value, JSON/TOML-ready."""
+    inv = {cls: name for name, cls in SECTIONS.items()}
+    return {inv[type(c)]: dataclasses.asdict(c) for c in configs}

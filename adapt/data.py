@@ -1,0 +1,119 @@
+"""Training examples: images + prompts + per-sample loss weights, and the batch order.
+
+An `Example` is one image with its prompt. Prior preservation (DreamBooth) is expressed as data:
+class images are examples of another `group` with their own `weight`, and `collate` turns
+weights into per-sample loss weights so that the loop's `sum(weight * per_sample_mse)` equals
+`mean(instance losses) + weight * mean(class losses)` for a batch that holds both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AdaptError
+from .images import IMAGE_SUFFIXES, load_rgb
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Path
+    prompt: str
+    weight: float = 1.0  # loss weight of this sample's group (prior_loss_weight for class images)
+    group: int = 0  # 0 = instance, 1 = class (prior preservation); weights normalise per group
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise AdaptError(f"image folder {folder} does not exist; pass --images DIR with your training images")
+    if not folder.is_dir():
+        raise AdaptError(f"--images {folder} is a file; pass the folder that holds the images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+        raise AdaptError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; put your training images there")
+    return images
+
+
+def fill_prompt(template: str, token: str | None, class_word: str | None) -> str:
+    text = template.replace("{token}", token or "").replace("{class_word}", class_word or "")
+    return " ".join(text.split())  # a missing class word leaves no double space
+
+
+def instance_examples(folder: str | Path, token: str | None, template: str, class_word: str | None = None) -> list[Example]:
+    """Images of `folder`; prompt from `name.txt` beside the image or from `metadata.jsonl`
+    (`file_name`/`file` + `text`/`caption`), else from the template; {token} is substituted."""
+    folder = Path(folder)
+    images = list_images(folder)
+    captions: dict[str, str] = {}
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[row.get("file_name") or row["file"]] = row.get("text") or row["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise AdaptError(f"{meta} line {n}: expected JSON with 'file_name' and 'text' keys") from None
+    if template == "a photo of {token}" and class_word:
+        template = "a photo of {token} {class_word}"
+    out = []
+    for img in images:
+        txt = img.with_suffix(".txt")
+        caption = txt.read_text().strip() if txt.is_file() else captions.get(img.name, template)
+        out.append(Example(img, fill_prompt(caption, token, class_word)))
+    return out
+
+
+def load_pixels(example: Example, resolution: int, flip: bool = False):
+    """Image -> float tensor [3, H, W] in [-1, 1]: shorter side resized to `resolution`
+    (bicubic; upscaled if smaller), center crop, optional horizontal flip."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        img = load_rgb(example.image)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise AdaptError(f"cannot read image {example.image}: {e}; fix or remove it") from None
+    w, h = img.size
+    scale = resolution / min(w, h)
+    if scale != 1:
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def batch_order(n: int, batch_size: int, seed: int):
+    """Endless batches of indices: each epoch is a fresh seeded permutation. Batches run across
+    epoch boundaries so every batch is full even when n < batch_size."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            pending += torch.randperm(n, generator=g).tolist()
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def loss_weights(batch: list[Example]):
+    """Per-sample loss weights: weight / (samples of the same group in the batch).
+
+    Plain data -> 1/B each (a plain mean). Instance + class samples ->
+    mean(instance) + lambda * mean(class), the DreamBooth prior-preservation loss.
+    """
+    import torch
+
+    counts: dict[int, int] = {}
+    for ex in batch:
+        counts[ex.group] = counts.get(ex.group, 0) + 1
+    return torch.tensor([ex.weight / counts[ex.group] for ex in batch], dtype=torch.float32)

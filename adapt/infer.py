@@ -1,0 +1,108 @@
+"""THE inference module: a base pipeline + scheduler by name + LoRAs with a weight each.
+
+Everything that renders images (`adapt generate`, `adapt eval`, class images, validation samples)
+goes through `load_pipeline` + `generate`, so an image made one way equals an image made another.
+Each image has its own seeded generator: the same seed gives the same image at any batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import AdaptError
+from .formats import read_safetensors
+from .models import quiet_libraries, resolve_model
+from .schedulers import make_scheduler
+
+log = logging.getLogger("adapt")
+
+DEFAULT_SCHEDULER = "dpm++2m-karras"
+
+
+def parse_weighted(spec: str, what: str = "LoRA") -> tuple[str, float]:
+    """'path/to/file.safetensors:0.8' -> (path, 0.8); no ':weight' means weight 1."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass  # a ':' that is part of the path
+    return spec, 1.0
+
+
+def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, device: str | None = None,
+                  dtype=None, loras: list[tuple[str, float]] = ()):
+    """A diffusers StableDiffusionPipeline for `model` with the named scheduler and the LoRAs applied."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    quiet_libraries()
+    path = resolve_model(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise AdaptError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    set_loras(pipe, loras)
+    return pipe
+
+
+def set_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Apply LoRAs, each with its own weight: W + sum_i w_i * (alpha_i / r_i) * B_i A_i.
+
+    Weight 0 adds exact zeros, so it reproduces the base model bit for bit.
+    """
+    if not loras:
+        return
+    names, weights = [], []
+    for i, (path, weight) in enumerate(loras):
+        read_safetensors(path, "LoRA")  # clear error for a missing / non-safetensors file
+        name = f"lora_{i}"
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise AdaptError(f"LoRA {path} does not fit this model ({str(e).splitlines()[0][:200]}); "
+                             "was it trained on another base model?") from None
+        names.append(name)
+        weights.append(weight)
+    pipe.set_adapters(names, adapter_weights=weights)
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
+             negative_prompt: str | None = None, size: int | None = None, batch_size: int = 8):
+    """Render one image per (prompt, seed); returns PIL images."""
+    import torch
+
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
+        out = pipe(prompt=chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                   num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                   generator=generators)
+        images.extend(out.images)
+    return images
+
+
+def native_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def write_images(images, out_dir: str | Path, settings: dict) -> list[Path]:
+    """image-000.png ... plus grid.png and generation.json (the settings that made them)."""
+    from .fileio import write_json
+    from .images import make_grid, save_image
+
+    out_dir = Path(out_dir)
+    paths = [save_image(img, out_dir / f"image-{i:03d}.png") for i, img in enumerate(images)]
+    save_image(make_grid(images), out_dir / "grid.png")
+    write_json(out_dir / "generation.json", settings)
+    return paths

@@ -1,0 +1,25 @@
+"""Full fine-tuning of the UNet (and optionally the text encoder); saves a whole pipeline folder.
+
+This is what DreamBooth trains, and what builds the bundled base model from scratch.
+"""
+
+from __future__ import annotations
+
+from . import Method
+
+
+class FullMethod(Method):
+    def __init__(self, train_text_encoder: bool = False):
+        self.trainable_modules = ("unet", "text_encoder") if train_text_encoder else ("unet",)
+
+    def prepare(self, components) -> None:
+        for n in self.trainable_modules:
+            getattr(components, n).requires_grad_(True)
+
+    def trainable_parameters(self, components) -> list:
+        return [p for n in self.trainable_modules for p in getattr(components, n).parameters()]
+
+    def save(self, components, out_dir, recipe: dict) -> None:
+        from ..formats import save_pipeline
+
+        save_pipeline(components, out_dir, recipe)

@@ -1,0 +1,47 @@
+"""LoRA: low-rank adapters (peft) on the UNet's attention projections, optionally the text encoder's.
+
+Only the adapter weights train; the base weights are never modified. Saved as
+`pytorch_lora_weights.safetensors` in the diffusers/peft key format that
+`StableDiffusionPipeline.load_lora_weights` reads, with peft's adapter config (so alpha != rank
+loads right) and the run's recipe in the safetensors metadata.
+"""
+
+from __future__ import annotations
+
+from ..config import LoraConfig
+from . import Method
+
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj"]
+
+
+class LoraMethod(Method):
+    def __init__(self, cfg: LoraConfig):
+        self.cfg = cfg
+        self.trainable_modules = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
+
+    def _config(self, targets):
+        from peft import LoraConfig as PeftLoraConfig
+
+        # gaussian A, zero B (as diffusers' LoRA examples): the untrained adapter is an exact no-op.
+        return PeftLoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, init_lora_weights="gaussian",
+                              target_modules=targets)
+
+    def prepare(self, components) -> None:
+        from ..errors import AdaptError
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in components.unet.named_modules()}
+        dotted = {n for n, _ in components.unet.named_modules()}
+        for t in self.cfg.target_modules:
+            if t not in names and not any(n.endswith("." + t) for n in dotted):
+                raise AdaptError(f"LoRA target '{t}' is not a module of this UNet; choose from q,k,v,out")
+        components.unet.add_adapter(self._config(self.cfg.target_modules))
+        if self.cfg.train_text_encoder:
+            components.text_encoder.add_adapter(self._config(TEXT_ENCODER_TARGETS))
+
+    def trainable_parameters(self, components) -> list:
+        return [p for n in self.trainable_modules for p in getattr(components, n).parameters() if p.requires_grad]
+
+    def save(self, components, out_dir, recipe: dict) -> None:
+        from ..formats import save_lora
+
+        save_lora(components, out_dir, recipe)

@@ -1,0 +1,168 @@
+"""Base-model resolution and loading (diffusers StableDiffusionPipeline layout), plus tiny models.
+
+`resolve_model` turns what the user typed (nothing, a folder, a cached hub id) into a folder, or a
+one-line error saying what to pass instead. `load_components` returns the five parts the training
+loop needs, frozen and in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import AdaptError
+
+log = logging.getLogger("adapt")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_MODEL = PACKAGE_DIR / "base"
+TOKENIZER_DIR = PACKAGE_DIR / "data_files" / "clip-tokenizer"
+REQUIRED = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+def resolve_model(model: str | None) -> Path:
+    """A diffusers pipeline folder for `model`: the bundled base when None, a local folder, or a
+    hub id that is already in the local Hugging Face cache (nothing is downloaded)."""
+    if model is None:
+        if not (BUNDLED_MODEL / "model_index.json").is_file():
+            raise AdaptError(f"no --model given and the bundled base model is missing at {BUNDLED_MODEL}; "
+                             "pass --model PATH to a diffusers Stable Diffusion folder")
+        log.info("using the bundled emoji base model (%s); pass --model to use another", BUNDLED_MODEL)
+        return BUNDLED_MODEL
+    path = Path(model).expanduser()
+    if path.exists():
+        return check_model_folder(path)
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        try:
+            folder = snapshot_download(model, local_files_only=True)
+        except Exception:
+            raise AdaptError(f"model '{model}' is neither a folder nor a hub id in the local cache (offline); "
+                             "pass --model PATH to a diffusers Stable Diffusion folder") from None
+        return check_model_folder(Path(folder))
+    raise AdaptError(f"model folder {model} does not exist; pass --model PATH to a diffusers Stable Diffusion folder")
+
+
+def check_model_folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise AdaptError(f"--model {path} is a file; pass the diffusers pipeline folder that holds model_index.json")
+    if not (path / "model_index.json").is_file():
+        raise AdaptError(f"{path} has no model_index.json; pass a diffusers Stable Diffusion pipeline folder "
+                         "(save_pretrained layout), not a single checkpoint file")
+    missing = [c for c in REQUIRED if not (path / c).is_dir()]
+    if missing:
+        raise AdaptError(f"model folder {path} lacks the component(s) {', '.join(missing)}; "
+                         "pass a complete diffusers Stable Diffusion pipeline folder")
+    return path
+
+
+@dataclass
+class Components:
+    """What the loop and the methods work on. A field becomes None once released (see train.py)."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    source: Path  # the pipeline folder these came from (used to copy released parts on save)
+
+    @property
+    def resolution(self) -> int:
+        """The model's native image size: UNet sample size times the VAE's downsampling."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        with open(self.source / "vae" / "config.json") as f:
+            return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+
+
+def quiet_libraries() -> None:
+    """Hide the libraries' own loading bars and info logs; adapt shows its own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_components(model: str | None, device: str = "cpu", dtype=None) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_libraries()
+    dtype = dtype or torch.float32
+    path = resolve_model(model)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise AdaptError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+        m.to(device)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, path)
+
+
+# --- tiny models for tests and benchmarks -------------------------------------------------------
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+    attention_head_dim=8, norm_num_groups=32,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+    block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+)
+TINY_TEXT = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, steps_offset=1, prediction_type="epsilon",
+)
+
+
+def build_pipeline_folder(out_dir: str | Path, unet: dict, vae: dict, text: dict, seed: int = 0,
+                          prediction_type: str = "epsilon") -> Path:
+    """Write a randomly initialised StableDiffusionPipeline folder built from configs.
+
+    Used for tests (tiny), benchmarks (the real SD 1.5 architecture) and the bundled base model's
+    starting point. The tokenizer is the real CLIP one shipped with the package.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=UNet2DConditionModel(**unet),
+        scheduler=DDPMScheduler(**{**SD15_SCHEDULER, "prediction_type": prediction_type}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A ~2M-parameter SD-layout model: 16 px images, 8x8x4 latents. Runs a training step in ms."""
+    return build_pipeline_folder(out_dir, TINY_UNET, TINY_VAE, TINY_TEXT, seed, prediction_type)

@@ -1,0 +1,251 @@
+"""THE training loop: epsilon (or v) prediction on VAE latents, shared by every method.
+
+A method (see methods/) says which modules hold trainable weights, which parameters train, what
+to do after each optimizer step and how to save. The loop never asks which method it runs.
+
+Per step (names as in diffusers' examples):
+    latents       = vae.encode(pixels).latent_dist.sample() * scaling_factor   (encoder output cached)
+    noise         ~ N(0, I);  timesteps ~ U{0 .. T-1}
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    model_pred    = unet(noisy_latents, timesteps, encoder_hidden_states)       (text output cached when frozen)
+    target        = noise, or noise_scheduler.get_velocity(...) for v-prediction models
+    loss          = sum_i loss_weight_i * mean((model_pred_i - target_i)^2)      (weights: data.loss_weights)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterable
+
+from .config import TrainConfig
+from .data import Example, batch_order, load_pixels, loss_weights
+from .errors import AdaptError
+
+log = logging.getLogger("adapt")
+
+
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, loss_weight, noise, timesteps):
+    """Weighted per-sample MSE between the UNet's prediction and the epsilon / velocity target."""
+    import torch.nn.functional as F
+
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise AdaptError(f"the model's scheduler uses prediction_type={kind!r}; adapt trains 'epsilon' and 'v_prediction' models")
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * loss_weight.to(per_sample.device)).sum()
+
+
+def _optimizer(cfg: TrainConfig, params):
+    import torch
+
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels
+            raise AdaptError(f"--optimizer adamw8bit needs a working bitsandbytes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             "install a build for your GPU or use --optimizer adamw") from None
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def place_for_training(components, trainable: set[int], device, weight_dtype) -> None:
+    """Move modules to the device. Frozen weights take the mixed-precision dtype; trainable ones stay
+    fp32 master weights (so fp16 training never hits "Attempting to unscale FP16 gradients"). The
+    VAE stays fp32: it encodes once per image, and fp16 VAEs are a known source of NaN latents."""
+    import torch
+
+    for name in ("text_encoder", "unet", "vae"):
+        module = getattr(components, name)
+        module.to(device)
+        for p in module.parameters():
+            p.data = p.data.to(torch.float32 if (id(p) in trainable or name == "vae") else weight_dtype)
+
+
+def _release(components, name: str) -> None:
+    """Drop a frozen module whose outputs are cached, so its memory is free for training."""
+    import torch
+
+    setattr(components, name, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir: str | Path, *,
+          resolution: int, random_flip: bool = False, recipe: dict | None = None, progress: bool = True) -> dict:
+    """Train `method` on `examples`; write metrics.jsonl, loss.png and the method's artifact to out_dir."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise AdaptError("no training examples; pass --images DIR with at least one image")
+    out_dir = Path(out_dir)
+    # accelerate keeps one process-wide state; reset its precision part so several runs (tests,
+    # notebooks) can use different --mixed-precision in one process. The distributed part stays.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    c = components
+
+    method.prepare(c)
+    params = [p for p in method.trainable_parameters(c) if p.requires_grad]
+    if not params:
+        raise AdaptError("the method has no trainable parameters")
+    trainable = {id(p) for p in params}
+    if cfg.mixed_precision == "fp16" and device.type == "cpu":
+        raise AdaptError("fp16 mixed precision needs a GPU (accelerate has no fp16 autocast on CPU); use --mixed-precision bf16 or no")
+    place_for_training(c, trainable, device, weight_dtype)
+    if cfg.gradient_checkpointing:
+        for name in method.trainable_modules:
+            m = getattr(c, name)
+            (m.enable_gradient_checkpointing if hasattr(m, "enable_gradient_checkpointing") else m.gradient_checkpointing_enable)()
+
+    # --- caches: VAE encoder output per (image, flip); text encoder output per distinct prompt ---
+    scaling_factor = c.vae.config.scaling_factor
+    flips = (False, True) if random_flip else (False,)
+
+    @torch.no_grad()
+    def encode(batch: list[Example], flipped: list[bool]):
+        pixels = torch.stack([load_pixels(ex, resolution, f) for ex, f in zip(batch, flipped)]).to(device)
+        return c.vae.encode(pixels).latent_dist.parameters  # mean and logvar; sampled every step
+
+    latent_cache: dict[tuple[Path, bool], torch.Tensor] = {}
+    if cfg.cache_latents:
+        for ex in tqdm(examples, desc="caching latents", disable=not progress, leave=False):
+            for f in flips:
+                latent_cache[(ex.image, f)] = encode([ex], [f])[0]
+        _release(c, "vae")
+
+    prompts = sorted({ex.prompt for ex in examples})
+    tokenize = method.tokenize if hasattr(method, "tokenize") else None
+    input_ids = {p: (tokenize or _tokenize)(c.tokenizer, p) for p in prompts}
+    text_cache: dict[str, torch.Tensor] = {}
+    if cfg.cache_text and "text_encoder" not in method.trainable_modules:
+        with torch.no_grad(), accelerator.autocast():
+            for p in prompts:
+                text_cache[p] = c.text_encoder(input_ids[p].to(device))[0][0]
+        _release(c, "text_encoder")
+
+    optimizer = _optimizer(cfg, params)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.steps * accelerator.num_processes)
+    modules = [getattr(c, n) for n in method.trainable_modules]
+    *modules, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
+    for n, m in zip(method.trainable_modules, modules):
+        m.train()
+        setattr(c, n, m)
+
+    order = batch_order(len(examples), cfg.batch_size, cfg.seed)
+    flip_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    # The step's randomness (latent sample, noise, timesteps) has its own generator, so it does
+    # not depend on whether modules that ran in between (text encoder, VAE) drew random numbers.
+    step_rng = torch.Generator(device).manual_seed(cfg.seed + 2)
+    metrics_path = out_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+    losses: list[float] = []
+    bar = tqdm(total=cfg.steps, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
+    start = time.perf_counter()
+    step, running = 0, 0.0
+    while step < cfg.steps:
+        batch = [examples[i] for i in next(order)]
+        flipped = [bool(random_flip and torch.rand((), generator=flip_rng) < 0.5) for _ in batch]
+        with accelerator.accumulate(*modules):
+            if cfg.cache_latents:
+                dist_params = torch.stack([latent_cache[(ex.image, f)] for ex, f in zip(batch, flipped)])
+            else:
+                dist_params = encode(batch, flipped)
+            latents = DiagonalGaussianDistribution(dist_params).sample(generator=step_rng) * scaling_factor
+            with accelerator.autocast():
+                if text_cache:
+                    hidden = torch.stack([text_cache[ex.prompt] for ex in batch])
+                else:
+                    hidden = c.text_encoder(torch.cat([input_ids[ex.prompt] for ex in batch]).to(device))[0]
+                noise = torch.randn(latents.shape, generator=step_rng, device=device, dtype=latents.dtype)
+                timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (len(batch),),
+                                          generator=step_rng, device=device)
+                loss = diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, loss_weights(batch), noise, timesteps)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        running += loss.detach().float().item() / cfg.grad_accum
+        if not accelerator.sync_gradients:
+            continue
+        method.after_step(c)
+        step += 1
+        if not torch.isfinite(torch.tensor(running)):
+            raise AdaptError(f"the loss became {running} at step {step}; lower --lr, or use bf16/no instead of fp16")
+        losses.append(running)
+        lr = lr_scheduler.get_last_lr()[0]
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": running, "lr": lr}) + "\n")
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        running = 0.0
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    accelerator.wait_for_everyone()
+    for n, m in zip(method.trainable_modules, modules):
+        setattr(c, n, accelerator.unwrap_model(m))
+    if accelerator.is_main_process:
+        method.save(c, out_dir, recipe or {})
+        plot_losses(losses, out_dir / "loss.png")
+    accelerator.end_training()
+    return {"losses": losses, "steps": step, "seconds": seconds}
+
+
+def _tokenize(tokenizer, prompt: str):
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def plot_losses(losses: Iterable[float], path: Path, size=(640, 360)) -> None:
+    """A dependency-free loss curve (raw + moving average) drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    from .images import save_image
+
+    losses = list(losses)
+    img = Image.new("RGB", size, "white")
+    if len(losses) >= 2:
+        d = ImageDraw.Draw(img)
+        w, h, pad = size[0], size[1], 40
+        lo, hi = min(losses), max(losses)
+        span = (hi - lo) or 1.0
+        k = max(1, len(losses) // 50)
+        smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
+
+        def xy(i, v):
+            return pad + (w - 2 * pad) * i / (len(losses) - 1), h - pad - (h - 2 * pad) * (v - lo) / span
+
+        d.line([xy(i, v) for i, v in enumerate(losses)], fill=(180, 200, 230), width=1)
+        d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+        d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+        d.text((pad, 10), f"loss: {losses[0]:.4f} -> {smooth[-1]:.4f} (avg), {len(losses)} steps", fill="black")
+        d.text((4, pad - 6), f"{hi:.3g}", fill="black")
+        d.text((4, h - pad - 6), f"{lo:.3g}", fill="black")
+    save_image(img, path)
