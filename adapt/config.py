@@ -91,7 +91,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
     cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
     cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")
+    caption_dropout: float = _f(0.0, "Probability of training a sample with an empty prompt (enables classifier-free guidance).")
     seed: int = _f(0, "Seed for noise, timesteps, data order and new weights.")
+    checkpoint_every: int = _f(0, "Save the full training state every N steps under OUTPUT/checkpoints (0 = never).")
+    keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep.")
+    resume: str | None = _f(None, "Continue a run: 'latest' (newest checkpoint in --output) or a checkpoint folder.")
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -100,6 +104,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise AdaptError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise AdaptError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if self.lr <= 0:
             raise AdaptError(f"--lr must be > 0, got {self.lr}")
 

@@ -91,18 +91,31 @@ def load_pixels(example: Example, resolution: int, flip: bool = False):
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def batch_order(n: int, batch_size: int, seed: int):
+class BatchOrder:
     """Endless batches of indices: each epoch is a fresh seeded permutation. Batches run across
-    epoch boundaries so every batch is full even when n < batch_size."""
-    import torch
+    epoch boundaries so every batch is full even when n < batch_size. Its state (generator +
+    pending indices) is saved in checkpoints so a resumed run sees the same batches."""
 
-    g = torch.Generator().manual_seed(seed)
-    pending: list[int] = []
-    while True:
-        while len(pending) < batch_size:
-            pending += torch.randperm(n, generator=g).tolist()
-        yield pending[:batch_size]
-        pending = pending[batch_size:]
+    def __init__(self, n: int, batch_size: int, seed: int):
+        import torch
+
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+
+    def next(self) -> list[int]:
+        import torch
+
+        while len(self.pending) < self.batch_size:
+            self.pending += torch.randperm(self.n, generator=self.generator).tolist()
+        batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+        return batch
+
+
+def tokenize(tokenizer, prompt: str):
+    """Prompt -> input_ids [1, 77], padded and truncated as Stable Diffusion does."""
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def loss_weights(batch: list[Example]):

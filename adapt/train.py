@@ -17,12 +17,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Iterable
 
 from .config import TrainConfig
-from .data import Example, batch_order, load_pixels, loss_weights
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .data import BatchOrder, Example, load_pixels, loss_weights
 from .errors import AdaptError
 
 log = logging.getLogger("adapt")
@@ -134,9 +136,8 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
                 latent_cache[(ex.image, f)] = encode([ex], [f])[0]
         _release(c, "vae")
 
-    prompts = sorted({ex.prompt for ex in examples})
-    tokenize = method.tokenize if hasattr(method, "tokenize") else None
-    input_ids = {p: (tokenize or _tokenize)(c.tokenizer, p) for p in prompts}
+    prompts = sorted({ex.prompt for ex in examples} | ({""} if cfg.caption_dropout else set()))
+    input_ids = {p: method.tokenize(c.tokenizer, p) for p in prompts}
     text_cache: dict[str, torch.Tensor] = {}
     if cfg.cache_text and "text_encoder" not in method.trainable_modules:
         with torch.no_grad(), accelerator.autocast():
@@ -152,23 +153,40 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     for n, m in zip(method.trainable_modules, modules):
         m.train()
         setattr(c, n, m)
+    named_params = {f"{n}.{k}": p for n in method.trainable_modules
+                    for k, p in accelerator.unwrap_model(getattr(c, n)).named_parameters() if id(p) in trainable}
 
-    order = batch_order(len(examples), cfg.batch_size, cfg.seed)
-    flip_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    # The step's randomness (latent sample, noise, timesteps) has its own generator, so it does
-    # not depend on whether modules that ran in between (text encoder, VAE) drew random numbers.
-    step_rng = torch.Generator(device).manual_seed(cfg.seed + 2)
+    order = BatchOrder(len(examples), cfg.batch_size, cfg.seed)
+    generators = {
+        "order": order.generator,
+        "data": torch.Generator().manual_seed(cfg.seed + 1),  # flips, caption dropout
+        # The step's randomness (latent sample, noise, timesteps) has its own generator, so it does
+        # not depend on whether modules that ran in between (text encoder, VAE) drew random numbers.
+        "step": torch.Generator(device).manual_seed(cfg.seed + 2),
+    }
+    data_rng, step_rng = generators["data"], generators["step"]
+    ckpt_root = out_dir / "checkpoints"
+    step, losses = 0, []
+    if cfg.resume:
+        loop = load_checkpoint(find_checkpoint(ckpt_root, cfg.resume), named_params, optimizer, lr_scheduler,
+                               accelerator.scaler, generators)
+        if recipe is not None and loop.get("recipe") is not None and _without_run_keys(loop["recipe"]) != _without_run_keys(recipe):
+            raise AdaptError("the checkpoint was made with another recipe (model, method, data or hyper-parameters differ); "
+                             "resume with the same settings, or start a new --output")
+        step, losses, order.pending = loop["step"], loop["losses"], loop["pending"]
+        log.info("resumed from step %d", step)
     metrics_path = out_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    losses: list[float] = []
-    bar = tqdm(total=cfg.steps, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in _metric_rows(metrics_path, step)))
+    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
-    step, running = 0, 0.0
+    running = 0.0
     while step < cfg.steps:
-        batch = [examples[i] for i in next(order)]
-        flipped = [bool(random_flip and torch.rand((), generator=flip_rng) < 0.5) for _ in batch]
+        batch = [examples[i] for i in order.next()]
+        flipped = [bool(random_flip and torch.rand((), generator=data_rng) < 0.5) for _ in batch]
+        dropped = [bool(cfg.caption_dropout and torch.rand((), generator=data_rng) < cfg.caption_dropout) for _ in batch]
+        batch_prompts = ["" if d else ex.prompt for ex, d in zip(batch, dropped)]
         with accelerator.accumulate(*modules):
             if cfg.cache_latents:
                 dist_params = torch.stack([latent_cache[(ex.image, f)] for ex, f in zip(batch, flipped)])
@@ -177,9 +195,9 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
             latents = DiagonalGaussianDistribution(dist_params).sample(generator=step_rng) * scaling_factor
             with accelerator.autocast():
                 if text_cache:
-                    hidden = torch.stack([text_cache[ex.prompt] for ex in batch])
+                    hidden = torch.stack([text_cache[p] for p in batch_prompts])
                 else:
-                    hidden = c.text_encoder(torch.cat([input_ids[ex.prompt] for ex in batch]).to(device))[0]
+                    hidden = c.text_encoder(torch.cat([input_ids[p] for p in batch_prompts]).to(device))[0]
                 noise = torch.randn(latents.shape, generator=step_rng, device=device, dtype=latents.dtype)
                 timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (len(batch),),
                                           generator=step_rng, device=device)
@@ -195,13 +213,16 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
             continue
         method.after_step(c)
         step += 1
-        if not torch.isfinite(torch.tensor(running)):
+        if not math.isfinite(running):
             raise AdaptError(f"the loss became {running} at step {step}; lower --lr, or use bf16/no instead of fp16")
         losses.append(running)
         lr = lr_scheduler.get_last_lr()[0]
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": running, "lr": lr}) + "\n")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_checkpoint(ckpt_root, step, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
+                                {"losses": losses, "pending": order.pending, "recipe": recipe}, cfg.keep_checkpoints)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         running = 0.0
@@ -218,9 +239,19 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     return {"losses": losses, "steps": step, "seconds": seconds}
 
 
-def _tokenize(tokenizer, prompt: str):
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def _metric_rows(path: Path, upto: int) -> list[dict]:
+    """metrics.jsonl rows of steps <= upto (a resumed run continues the file; a new run empties it)."""
+    if not upto or not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
+
+
+def _without_run_keys(recipe: dict) -> dict:
+    """The parts of a recipe that must match to resume: all but the run length and resume flags."""
+    out = json.loads(json.dumps(recipe))
+    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints"):
+        out.get("train", {}).pop(key, None)
+    return out
 
 
 def plot_losses(losses: Iterable[float], path: Path, size=(640, 360)) -> None:

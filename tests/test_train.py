@@ -153,7 +153,7 @@ def test_overfitting_one_image_drives_the_loss_down(tiny_model, concept_dir, tmp
     c = load_components(tiny_model)
     example = instance_examples(concept_dir, "<sks>", "a photo of {token}")[:1]
     from adapt.data import load_pixels
-    from adapt.train import _tokenize
+    from adapt.data import tokenize as _tokenize
 
     with torch.no_grad():
         latents = c.vae.encode(load_pixels(example[0], 16)[None]).latent_dist.mean * c.vae.config.scaling_factor
@@ -174,3 +174,27 @@ def test_overfitting_one_image_drives_the_loss_down(tiny_model, concept_dir, tmp
     train(c, LoraMethod(LoraConfig(rank=8, targets="q,k,v,out")), example, cfg, tmp_path, resolution=16, progress=False)
     end = fixed_loss()
     assert end < 0.5 * start, (start, end)
+
+
+def test_resume_from_checkpoint_continues_exactly(tiny_model, concept_dir, tmp_path):
+    """Steps after a checkpoint, and the final weights, equal those of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    examples = instance_examples(concept_dir, "<sks>", "a photo of {token}")
+    cfg = dict(steps=6, batch_size=2, lr=1e-2, checkpoint_every=3, caption_dropout=0.3)
+    full = train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg), tmp_path / "a",
+                 resolution=16, random_flip=True, recipe={"r": 1}, progress=False)
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000003"
+    assert ckpt.is_dir()
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "b" / "checkpoints" / ckpt.name)
+    resumed = train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg, resume="latest"),
+                    tmp_path / "b", resolution=16, random_flip=True, recipe={"r": 1}, progress=False)
+    assert resumed["losses"] == full["losses"]
+    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(AdaptError, match="another recipe"):
+        train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg, resume="latest"),
+              tmp_path / "b", resolution=16, random_flip=True, recipe={"r": 2}, progress=False)

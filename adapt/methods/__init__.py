@@ -6,6 +6,7 @@ A method has
     prepare(components): add adapters / new tokens before training (default: nothing),
     trainable_parameters(components) -> list of parameters the optimizer updates,
     after_step(components): runs after every optimizer step (default: nothing),
+    tokenize(tokenizer, prompt): prompt -> input_ids (default: CLIP padding to 77 tokens),
     save(components, out_dir, recipe): write the artifact, carrying the recipe.
 """
 
@@ -23,6 +24,12 @@ class Method:
 
     def after_step(self, components) -> None:
         pass
+
+    def tokenize(self, tokenizer, prompt: str):
+        """Prompt -> input_ids; textual inversion overrides it to expand multi-vector tokens."""
+        from ..data import tokenize
+
+        return tokenize(tokenizer, prompt)
 
     def save(self, components, out_dir, recipe: dict) -> None:
         raise NotImplementedError
