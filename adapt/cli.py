@@ -94,6 +94,10 @@ GradCkpt = Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no
 CacheLatents = Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help=H("train", "cache_latents"), show_default=False)]
 CacheText = Annotated[Optional[bool], typer.Option("--cache-text/--no-cache-text", help=H("train", "cache_text"), show_default=False)]
 Seed = Annotated[Optional[int], typer.Option(help=H("train", "seed"))]
+CaptionDropout = Annotated[Optional[float], typer.Option(help=H("train", "caption_dropout"))]
+CheckpointEvery = Annotated[Optional[int], typer.Option(help=H("train", "checkpoint_every"))]
+KeepCheckpoints = Annotated[Optional[int], typer.Option(help=H("train", "keep_checkpoints"))]
+Resume = Annotated[Optional[str], typer.Option(help=H("train", "resume"))]
 
 
 def _output_dir(output: Path | None, method: str, overwrite: bool) -> Path:
@@ -120,6 +124,8 @@ def _train(method_name: str, options: dict) -> None:
         raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files)")
     if data.token is None:
         raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
+    if train_cfg.resume and options.get("output") is None:
+        raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
 
     from .data import instance_examples
@@ -162,8 +168,38 @@ def lora(images: Images = None, token: Token = None, model: Model = None, output
          steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None, lr: Lr = None,
          lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
          max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
-         cache_latents: CacheLatents = None, cache_text: CacheText = None, seed: Seed = None):
+         cache_latents: CacheLatents = None, cache_text: CacheText = None, caption_dropout: CaptionDropout = None,
+         seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
+         resume: Resume = None):
     _train("lora", dict(locals()))
+
+
+def _check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:
+    from .schedulers import scheduler_names
+
+    if scheduler not in scheduler_names():
+        raise AdaptError(f"unknown scheduler '{scheduler}'; choose one of: {', '.join(scheduler_names())}")
+    if count < 1 or steps < 1:
+        raise AdaptError("--num-images and --steps must be >= 1")
+    if size is not None and (size < 8 or size % 8):
+        raise AdaptError(f"--size {size} must be a positive multiple of 8")
+
+
+def _loras(specs: list[str] | None) -> list[tuple[str, float]]:
+    from .infer import parse_weighted
+
+    loras = [parse_weighted(s) for s in (specs or [])]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise AdaptError(f"LoRA file {path} not found; pass FILE[:WEIGHT] with an existing .safetensors file")
+    return loras
+
+
+Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
+Scheduler = Annotated[str, typer.Option(help="Sampler name; `adapt schedulers` lists them.")]
+SampleSteps = Annotated[int, typer.Option(help="Denoising steps.")]
+Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")]
+Size = Annotated[Optional[int], typer.Option(help="Image size in pixels. Default: the model's native size.")]
 
 
 @app.command(help="""Generate images with a base model, LoRAs (each with its own weight) and a scheduler by name.
@@ -175,30 +211,15 @@ Example:
 """)
 @user_errors
 def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
-             model: Model = None,
-             lora: Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")] = None,
-             scheduler: Annotated[str, typer.Option(help="Sampler name; `adapt schedulers` lists them.")] = "dpm++2m-karras",
-             steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
-             guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 7.5,
+             model: Model = None, lora: Lora = None,
+             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
              negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
              num_images: Annotated[int, typer.Option(help="How many images.")] = 1,
-             size: Annotated[Optional[int], typer.Option(help="Image size in pixels. Default: the model's native size.")] = None,
+             size: Size = None,
              output: Annotated[Optional[Path], typer.Option(help="Folder for image-NNN.png, grid.png, generation.json. Default: outputs/generate-<timestamp>.")] = None):
-    from .schedulers import scheduler_names
-
-    if scheduler not in scheduler_names():
-        raise AdaptError(f"unknown scheduler '{scheduler}'; choose one of: {', '.join(scheduler_names())}")
-    if num_images < 1 or steps < 1:
-        raise AdaptError("--num-images and --steps must be >= 1")
-    if size is not None and (size < 8 or size % 8):
-        raise AdaptError(f"--size {size} must be a positive multiple of 8")
-    from .infer import parse_weighted
-
-    loras = [parse_weighted(s) for s in (lora or [])]
-    for path, _ in loras:
-        if not Path(path).is_file():
-            raise AdaptError(f"LoRA file {path} not found; pass FILE[:WEIGHT] with an existing .safetensors file")
+    _check_sampling(scheduler, steps, num_images, size)
+    loras = _loras(lora)
     out = output or Path("outputs") / f"generate-{time.strftime('%Y%m%d-%H%M%S')}"
 
     from .infer import generate as render, load_pipeline, write_images
@@ -212,6 +233,71 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
                 "guidance": guidance, "seeds": seeds, "size": size}
     write_images(images, out, settings)
     log.info("wrote %d image(s) and grid.png to %s", len(images), out)
+
+
+@app.command(name="eval", help="""Generate images for prompts with fixed seeds and score them against reference images.
+
+\b
+Metrics (feature space: RGB on white, box-shrunk to 16x16, L2; see adapt/evaluate.py):
+  fidelity  rank of each prompt's own reference among all references (top-1, top-5, chance)
+  style     fraction of images closer to their reference in --refs than in --refs-b
+  drift     mean distance between this model's and --compare-model's images (same prompts, seeds)
+  set       mean distance to the nearest image of --set (did training move toward it?)
+Prompts come from --prompts FILE (JSONL: "caption", optional "file" naming the reference image
+and "seed") or from --prompt TEXT (repeatable, --num-images seeds each).
+
+\b
+Examples:
+  adapt eval --prompts adapt/base/training_set.jsonl --refs ../shared/data/emoji/noto --limit 100
+  adapt eval --prompt "an emoji of <sks> cat face" --num-images 8 --lora RUN/pytorch_lora_weights.safetensors \\
+      --set examples/cat --compare-model bundled
+""")
+@user_errors
+def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts file (caption, file, seed per line).")] = None,
+             prompt: Annotated[Optional[List[str]], typer.Option(help="A prompt; repeat for several (instead of --prompts).")] = None,
+             num_images: Annotated[int, typer.Option(help="Images (seeds) per --prompt.")] = 4,
+             limit: Annotated[Optional[int], typer.Option(help="Use only the first N lines of --prompts.")] = None,
+             refs: Annotated[Optional[Path], typer.Option(help="Folder of reference images named by the prompts' \"file\" (fidelity).")] = None,
+             refs_b: Annotated[Optional[Path], typer.Option(help="Second style's references, same file names (style metric).")] = None,
+             set_: Annotated[Optional[Path], typer.Option("--set", help="Folder of images to measure the distance to.")] = None,
+             model: Model = None, lora: Lora = None,
+             compare_model: Annotated[Optional[str], typer.Option(help="Second model for drift and comparison; 'bundled' = the bundled base.")] = None,
+             compare_lora: Annotated[Optional[List[str]], typer.Option(help="LoRA(s) for the compare model, FILE[:WEIGHT].")] = None,
+             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
+             seed: Annotated[int, typer.Option(help="Seed of the first prompt; prompt i uses seed+i unless its line sets one.")] = 0,
+             size: Size = None,
+             batch_size: Annotated[int, typer.Option(help="Images rendered at once.")] = 8,
+             output: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and grid.png. Default: outputs/eval-<timestamp>.")] = None):
+    from .evaluate import format_table, read_prompts, run_eval
+
+    if (prompts is None) == (not prompt):
+        raise AdaptError("pass either --prompts FILE or --prompt TEXT (one or more)")
+    _check_sampling(scheduler, steps, num_images, size)
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise AdaptError("--batch-size and --limit must be >= 1")
+    if refs_b is not None and refs is None:
+        raise AdaptError("--refs-b needs --refs (the first style's references)")
+    for flag, folder in (("--refs", refs), ("--refs-b", refs_b), ("--set", set_)):
+        if folder is not None and not folder.is_dir():
+            raise AdaptError(f"{flag} {folder} is not a folder; pass a folder of images")
+    if prompts is not None:
+        items = read_prompts(prompts, seed)[:limit]
+    else:
+        items = [{"caption": p, "seed": seed + k} for p in prompt for k in range(num_images)]
+    loras, compare_loras = _loras(lora), _loras(compare_lora)
+    out = output or Path("outputs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    from .infer import generate as render, load_pipeline
+
+    def renderer(model_name, lora_list):
+        pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list)
+        return lambda ps, ss: render(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
+
+    compare = renderer(compare_model, compare_loras) if (compare_model or compare_loras) else None
+    metrics = run_eval(renderer(model, loras), items, out, refs_dir=refs, refs_b_dir=refs_b, compare=compare,
+                       set_dir=set_, base_seed=seed, batch_size=batch_size)
+    typer.echo(format_table(metrics))
+    log.info("wrote eval.json and grid.png to %s", out)
 
 
 @app.command(help="List the sampler names `generate` accepts, with when to choose each.")

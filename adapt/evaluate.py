@@ -316,6 +316,7 @@ def run_eval(
     refs_dir: str | os.PathLike | None = None,
     refs_b_dir: str | os.PathLike | None = None,
     compare: GenerateFn | None = None,
+    set_dir: str | os.PathLike | None = None,
     base_seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
@@ -331,6 +332,8 @@ def run_eval(
     - refs_b_dir (needs refs_dir): `style` with A = refs_dir/file, B = refs_b_dir/file.
     - compare: a second generate callable (e.g. the base model) run on the same prompts and seeds;
       reports `drift` between the two models' images.
+    - set_dir: a folder of images (e.g. the training images); reports `distance_to_set` of the
+      generated images (and of the compare model's, when given): did the model move toward them?
 
     Returns the metrics dict (the same content as eval.json): "n", "fidelity", "style", "drift"
     (each None when not computed), "items" (per-item rows: caption, file, seed, rank, nearest,
@@ -354,7 +357,7 @@ def run_eval(
         {"caption": it["caption"], "file": it.get("file"), "seed": it["seed"], "rank": None}
         for it in items
     ]
-    metrics: dict[str, Any] = {"n": n, "fidelity": None, "style": None, "drift": None}
+    metrics: dict[str, Any] = {"n": n, "fidelity": None, "style": None, "drift": None, "set_distance": None}
     notes: list[str] = []
 
     # --- fidelity (retrieval) and style -----------------------------------------------------
@@ -398,12 +401,23 @@ def run_eval(
         for i in range(n):
             rows[i]["drift"] = float(per_item[i])
 
+    if set_dir is not None:
+        from .data import list_images
+
+        set_feats = features(list_images(set_dir))
+        metrics["set_distance"] = {
+            "model": distance_to_set(gen_feats, set_feats),
+            "compare": None if cmp_images is None else distance_to_set(cmp_feats, set_feats),
+            "set_images": int(set_feats.shape[0]),
+        }
+
     metrics["items"] = rows
     metrics["notes"] = notes
     metrics["config"] = {
         "refs_dir": None if refs_dir is None else str(refs_dir),
         "refs_b_dir": None if refs_b_dir is None else str(refs_b_dir),
         "compare": compare is not None,
+        "set_dir": None if set_dir is None else str(set_dir),
         "base_seed": base_seed,
         "batch_size": batch_size,
         "feature_space": f"RGB on white, box-resized to {FEATURE_SIZE}x{FEATURE_SIZE}, [0,1], L2",
@@ -449,6 +463,11 @@ def format_table(metrics: dict) -> str:
         rows.append(("style: mean distance to A / B", f"{sty['mean_dist_a']:.2f} / {sty['mean_dist_b']:.2f}", "-"))
     if metrics.get("drift") is not None:
         rows.append(("drift vs compare model (mean L2)", f"{metrics['drift']:.3f}", "-"))
+    sd = metrics.get("set_distance")
+    if sd:
+        rows.append((f"distance to set ({sd['set_images']} imgs, lower=closer)", f"{sd['model']:.3f}", "-"))
+        if sd.get("compare") is not None:
+            rows.append(("distance to set, compare model", f"{sd['compare']:.3f}", "-"))
     if "n" in metrics:
         rows.append(("images generated", str(metrics["n"]), "-"))
     header = ("metric", "value", "chance")
