@@ -73,7 +73,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 # --- options shared by the training commands (help text comes from adapt/config.py) -------------
 Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers folder or a cached hub id. Default: the bundled emoji base model.")]
 Output = Annotated[Optional[Path], typer.Option(help="Run folder. Default: outputs/<method>-<timestamp>.")]
-Recipe = Annotated[Optional[Path], typer.Option(help="TOML recipe with [data] [lora] [train] defaults; flags override it.")]
+Recipe = Annotated[Optional[Path], typer.Option(help="TOML recipe: [data] [lora] [dreambooth] [train] sections of option defaults; flags override it.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace a finished run already in --output.")]
 Images = Annotated[Optional[Path], typer.Option(help=H("data", "images"))]
 Token = Annotated[Optional[str], typer.Option(help=H("data", "token"))]
@@ -111,37 +111,85 @@ def _output_dir(output: Path | None, method: str, overwrite: bool) -> Path:
     return out
 
 
+# The recipe sections each method reads.
+METHODS = {
+    "lora": ("data", "lora", "train"),
+    "dreambooth": ("data", "dreambooth", "lora", "train"),
+}
+
+
+def _method_defaults(cfgs: dict) -> dict:
+    """A method's own defaults for [train], below the recipe and the flags."""
+    db = cfgs.get("dreambooth")
+    if db is not None and not db.lora:
+        return {"lr": 5e-6}  # full UNet fine-tuning; LoRA keeps the LoRA default
+    return {}
+
+
+def _make_method(name: str, cfgs: dict):
+    if name == "dreambooth" and not cfgs["dreambooth"].lora:
+        from .methods.full import FullMethod
+
+        return FullMethod(train_text_encoder=cfgs["dreambooth"].train_text_encoder)
+    from .methods.lora import LoraMethod
+
+    return LoraMethod(cfgs["lora"])
+
+
+def _class_examples(model, data, db, resolution: int):
+    """Prior preservation as data: class images are examples of group 1 weighted by lambda."""
+    from .classimages import ensure_class_images
+    from .data import Example
+
+    if not (db.class_prompt or data.class_word):
+        raise AdaptError("prior preservation needs --class-word (e.g. 'cat') or --class-prompt; "
+                         "or pass --no-prior-preservation")
+    class_prompt = db.class_prompt or f"a photo of {data.class_word}"
+    _, files = ensure_class_images(model, class_prompt, db.num_class_images, resolution, scheduler=db.class_scheduler,
+                                   steps=db.class_steps, folder=db.class_images)
+    return [Example(p, class_prompt, weight=db.prior_loss_weight, group=1) for p in files]
+
+
 def _train(method_name: str, options: dict) -> None:
-    """Shared body of the training commands: configs -> components -> the one loop."""
+    """Shared body of the training commands: configs -> data -> components -> the one loop."""
     from . import __version__
     from .config import build, read_recipe, to_dict
 
     recipe = read_recipe(options["recipe"]) if options.get("recipe") else None
-    data = build("data", recipe, {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()})
-    train_cfg = build("train", recipe, options)
-    method_cfg = build("lora", recipe, options) if method_name == "lora" else None
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    cfgs = {s: build(s, recipe, flags) for s in METHODS[method_name] if s != "train"}
+    cfgs["train"] = build("train", recipe, flags, _method_defaults(cfgs))
+    data, train_cfg, db = cfgs["data"], cfgs["train"], cfgs.get("dreambooth")
     if data.images is None:
         raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files)")
     if data.token is None:
         raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
+    if db is not None:
+        from .schedulers import scheduler_names
+
+        if db.class_scheduler not in scheduler_names():
+            raise AdaptError(f"unknown scheduler '{db.class_scheduler}'; choose one of: {', '.join(scheduler_names())}")
     if train_cfg.resume and options.get("output") is None:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
 
     from .data import instance_examples
+    from .models import native_resolution, resolve_model
 
     examples = instance_examples(data.images, data.token, data.prompt, data.class_word)
     log.info("%d images from %s; e.g. prompt: %r", len(examples), data.images, examples[0].prompt)
+    model = options.get("model")
+    resolution = data.resolution or native_resolution(resolve_model(model))
+    if db is not None and db.prior_preservation:
+        examples += _class_examples(model, data, db, resolution)
 
-    from .methods.lora import LoraMethod
     from .models import load_components
     from .train import train
 
-    components = load_components(options.get("model"))
-    resolution = data.resolution or components.resolution
-    method = LoraMethod(method_cfg)
-    run_recipe = {"method": method_name, "base_model": str(options.get("model") or "bundled"),
-                  "adapt_version": __version__, **to_dict(*(c for c in (data, method_cfg, train_cfg) if c))}
+    components = load_components(model)
+    method = _make_method(method_name, cfgs)
+    run_recipe = {"method": method_name, "base_model": str(model or "bundled"), "adapt_version": __version__,
+                  **to_dict(*cfgs.values())}
     run_recipe["data"]["resolution"] = resolution
     log.info("training %s for %d steps at %d px -> %s", method_name, train_cfg.steps, resolution, out)
     result = train(components, method, examples, train_cfg, out, resolution=resolution,
@@ -172,6 +220,48 @@ def lora(images: Images = None, token: Token = None, model: Model = None, output
          seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
          resume: Resume = None):
     _train("lora", dict(locals()))
+
+
+@app.command(help="""DreamBooth: fine-tune the whole UNet (optionally the text encoder) on a few images of one
+subject bound to a rare token, with prior preservation on generated class images.
+
+\b
+Loss = mean(instance) + lambda * mean(class); every batch holds --batch-size instance images and
+as many class images. Class images are generated once with the base model and cached under
+outputs/class-images/. The result is a full diffusers pipeline folder (--lora: a LoRA file).
+\b
+Memory savers (see recipes/dreambooth-*gb.toml): --gradient-checkpointing (~20-30% slower),
+--optimizer adamw8bit (optimizer state 4x smaller), --mixed-precision fp16|bf16 (frozen weights
+in half precision, trainable fp32), cached latents and text embeddings (default on), --lora.
+\b
+Example:
+  adapt dreambooth --images examples/cat --token sks --class-word "cat face" \\
+      --class-prompt "an emoji of cat face" --output outputs/cat-db
+""")
+@user_errors
+def dreambooth(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
+               recipe: Recipe = None, overwrite: Overwrite = False,
+               prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None,
+               prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help=H("dreambooth", "prior_preservation"), show_default=False)] = None,
+               class_prompt: Annotated[Optional[str], typer.Option(help=H("dreambooth", "class_prompt"))] = None,
+               num_class_images: Annotated[Optional[int], typer.Option(help=H("dreambooth", "num_class_images"))] = None,
+               prior_loss_weight: Annotated[Optional[float], typer.Option(help=H("dreambooth", "prior_loss_weight"))] = None,
+               class_images: Annotated[Optional[Path], typer.Option(help=H("dreambooth", "class_images"))] = None,
+               class_scheduler: Annotated[Optional[str], typer.Option(help=H("dreambooth", "class_scheduler"))] = None,
+               class_steps: Annotated[Optional[int], typer.Option(help=H("dreambooth", "class_steps"))] = None,
+               train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help=H("dreambooth", "train_text_encoder"), show_default=False)] = None,
+               lora: Annotated[Optional[bool], typer.Option("--lora/--full", help=H("dreambooth", "lora"), show_default=False)] = None,
+               rank: Annotated[Optional[int], typer.Option(help=H("lora", "rank") + " (with --lora)")] = None,
+               alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha") + " (with --lora)")] = None,
+               targets: Annotated[Optional[str], typer.Option(help=H("lora", "targets") + " (with --lora)")] = None,
+               steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
+               lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: 5e-06 (full UNet), 0.0001 with --lora]")] = None,
+               lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
+               max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
+               cache_latents: CacheLatents = None, cache_text: CacheText = None, caption_dropout: CaptionDropout = None,
+               seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
+               resume: Resume = None):
+    _train("dreambooth", dict(locals()))
 
 
 def _check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:

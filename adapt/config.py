@@ -71,6 +71,27 @@ class LoraConfig:
         return [LORA_TARGET_ALIASES.get(t, t) for t in self.targets]
 
 
+@dataclass
+class DreamBoothConfig:
+    prior_preservation: bool = _f(True, "Train on generated class images too, so the model keeps its idea of the class.")
+    class_prompt: str | None = _f(None, "Prompt for class images. Default: 'a photo of {class_word}'.")
+    num_class_images: int = _f(100, "How many class images to use (generated with the base model when missing).")
+    prior_loss_weight: float = _f(1.0, "lambda in loss = mean(instance) + lambda * mean(class).")
+    class_images: str | None = _f(None, "Folder of your own class images (topped up by generation when too few).")
+    class_scheduler: str = _f("dpm++2m-karras", "Scheduler for generating class images.")
+    class_steps: int = _f(25, "Denoising steps for generating class images.")
+    train_text_encoder: bool = _f(False, "Also fine-tune the text encoder (saved in the pipeline folder); more memory.")
+    lora: bool = _f(False, "DreamBooth-LoRA: train LoRA adapters (the [lora] settings) instead of the full UNet.")
+
+    def __post_init__(self):
+        if self.num_class_images < 1:
+            raise AdaptError(f"--num-class-images must be >= 1, got {self.num_class_images}")
+        if self.prior_loss_weight < 0:
+            raise AdaptError(f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}")
+        if self.class_steps < 1:
+            raise AdaptError(f"--class-steps must be >= 1, got {self.class_steps}")
+
+
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -79,7 +100,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 @dataclass
 class TrainConfig:
     steps: int = _f(500, "Optimizer steps (each is batch_size x grad_accum images).")
-    batch_size: int = _f(1, "Images per forward pass.")
+    batch_size: int = _f(1, "Images per forward pass (with prior preservation, as many class images again).")
     grad_accum: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.")
     lr: float = _f(1e-4, "Learning rate.")
     lr_scheduler: str = _f("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
@@ -115,7 +136,7 @@ def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
         raise AdaptError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "dreambooth": DreamBoothConfig, "train": TrainConfig}
 
 
 def field_help(section: str, name: str) -> str:
@@ -165,11 +186,13 @@ def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build(section: str, recipe: dict[str, dict[str, Any]] | None, overrides: dict[str, Any]):
-    """Defaults < recipe < command-line flags (None means 'not given on the command line')."""
+def build(section: str, recipe: dict[str, dict[str, Any]] | None, overrides: dict[str, Any],
+          method_defaults: dict[str, Any] | None = None):
+    """Defaults < the method's defaults < recipe < command-line flags (None = 'not given')."""
     cls = SECTIONS[section]
     names = {f.name for f in dataclasses.fields(cls)}
-    values = dict((recipe or {}).get(section, {}))
+    values = {k: v for k, v in (method_defaults or {}).items() if k in names}
+    values.update((recipe or {}).get(section, {}))
     values.update({k: v for k, v in overrides.items() if k in names and v is not None})
     return cls(**values)
 

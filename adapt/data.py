@@ -92,23 +92,29 @@ def load_pixels(example: Example, resolution: int, flip: bool = False):
 
 
 class BatchOrder:
-    """Endless batches of indices: each epoch is a fresh seeded permutation. Batches run across
-    epoch boundaries so every batch is full even when n < batch_size. Its state (generator +
-    pending indices) is saved in checkpoints so a resumed run sees the same batches."""
+    """Endless batches of indices: `batch_size` examples from EACH group (instance images; class
+    images for prior preservation), so every batch holds both. Each group walks through seeded
+    permutations of its examples; batches run across epoch boundaries so every batch is full
+    even when a group has fewer examples than the batch size. The state (generator + pending
+    indices per group) is saved in checkpoints so a resumed run sees the same batches."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, groups: list[int], batch_size: int, seed: int):
         import torch
 
-        self.n, self.batch_size = n, batch_size
+        self.members = [[i for i, g in enumerate(groups) if g == key] for key in sorted(set(groups))]
+        self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.pending: list[int] = []
+        self.pending: list[list[int]] = [[] for _ in self.members]
 
     def next(self) -> list[int]:
         import torch
 
-        while len(self.pending) < self.batch_size:
-            self.pending += torch.randperm(self.n, generator=self.generator).tolist()
-        batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+        batch = []
+        for k, members in enumerate(self.members):
+            while len(self.pending[k]) < self.batch_size:
+                self.pending[k] += [members[j] for j in torch.randperm(len(members), generator=self.generator).tolist()]
+            batch += self.pending[k][:self.batch_size]
+            self.pending[k] = self.pending[k][self.batch_size:]
         return batch
 
 

@@ -72,13 +72,18 @@ class Components:
 
     @property
     def resolution(self) -> int:
-        """The model's native image size: UNet sample size times the VAE's downsampling."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return native_resolution(self.source)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        with open(self.source / "vae" / "config.json") as f:
-            return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+
+def native_resolution(path: Path) -> int:
+    """The model's native image size, from its configs (no weights loaded): the UNet's sample
+    size times the VAE's downsampling factor."""
+    try:
+        unet = json.loads((Path(path) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise AdaptError(f"cannot read the UNet/VAE config in {path} ({e}); pass a complete diffusers model folder") from None
 
 
 def quiet_libraries() -> None:

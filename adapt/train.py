@@ -156,7 +156,7 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     named_params = {f"{n}.{k}": p for n in method.trainable_modules
                     for k, p in accelerator.unwrap_model(getattr(c, n)).named_parameters() if id(p) in trainable}
 
-    order = BatchOrder(len(examples), cfg.batch_size, cfg.seed)
+    order = BatchOrder([ex.group for ex in examples], cfg.batch_size, cfg.seed)
     generators = {
         "order": order.generator,
         "data": torch.Generator().manual_seed(cfg.seed + 1),  # flips, caption dropout

@@ -45,3 +45,9 @@ def make_concept_images(folder, n=3, size=24):
 @pytest.fixture(scope="session")
 def concept_dir(tmp_path_factory):
     return make_concept_images(tmp_path_factory.mktemp("concept") / "images")
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Commands that write to ./outputs by default write into the test's own folder."""
+    monkeypatch.chdir(tmp_path)
