@@ -115,6 +115,7 @@ def _output_dir(output: Path | None, method: str, overwrite: bool) -> Path:
 METHODS = {
     "lora": ("data", "lora", "train"),
     "dreambooth": ("data", "dreambooth", "lora", "train"),
+    "textual-inversion": ("data", "textual_inversion", "train"),
 }
 
 
@@ -123,10 +124,18 @@ def _method_defaults(cfgs: dict) -> dict:
     db = cfgs.get("dreambooth")
     if db is not None and not db.lora:
         return {"lr": 5e-6}  # full UNet fine-tuning; LoRA keeps the LoRA default
+    if "textual_inversion" in cfgs:
+        return {"lr": 5e-3}  # the textual-inversion paper's
     return {}
 
 
 def _make_method(name: str, cfgs: dict):
+    if name == "textual-inversion":
+        from .methods.textual_inversion import TextualInversionMethod
+
+        ti = cfgs["textual_inversion"]
+        formats = ("diffusers",) if ti.format == "diffusers" else ("diffusers", ti.format)
+        return TextualInversionMethod(cfgs["data"].token, ti.init_token, ti.num_vectors, formats)
     if name == "dreambooth" and not cfgs["dreambooth"].lora:
         from .methods.full import FullMethod
 
@@ -159,7 +168,17 @@ def _train(method_name: str, options: dict) -> None:
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
     cfgs = {s: build(s, recipe, flags) for s in METHODS[method_name] if s != "train"}
     cfgs["train"] = build("train", recipe, flags, _method_defaults(cfgs))
-    data, train_cfg, db = cfgs["data"], cfgs["train"], cfgs.get("dreambooth")
+    data, train_cfg, db, ti = cfgs["data"], cfgs["train"], cfgs.get("dreambooth"), cfgs.get("textual_inversion")
+    template = data.prompt
+    if ti is not None:
+        if not ti.init_token:
+            raise AdaptError("textual inversion needs --init-token WORD: an existing word close to the concept, e.g. 'cat'")
+        if ti.scale_lr:
+            train_cfg.lr *= train_cfg.batch_size * train_cfg.grad_accum
+        if flags.get("prompt") is None and "prompt" not in (recipe or {}).get("data", {}):
+            from .methods.textual_inversion import TEMPLATES
+
+            template = TEMPLATES[ti.property]
     if data.images is None:
         raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files)")
     if data.token is None:
@@ -176,7 +195,7 @@ def _train(method_name: str, options: dict) -> None:
     from .data import instance_examples
     from .models import native_resolution, resolve_model
 
-    examples = instance_examples(data.images, data.token, data.prompt, data.class_word)
+    examples = instance_examples(data.images, data.token, template, data.class_word)
     log.info("%d images from %s; e.g. prompt: %r", len(examples), data.images, examples[0].prompt)
     model = options.get("model")
     resolution = data.resolution or native_resolution(resolve_model(model))
@@ -264,6 +283,39 @@ def dreambooth(images: Images = None, token: Token = None, model: Model = None, 
     _train("dreambooth", dict(locals()))
 
 
+@app.command(name="textual-inversion", help="""Textual inversion: learn a new word's embedding under a frozen model.
+
+\b
+The token (and token_1..token_{N-1} with --num-vectors N) is added to the tokenizer and starts from
+--init-token's embedding; only those rows train, everything else stays bit-identical. Images
+without a caption file are trained under prompt templates (--property object|style). Saved as
+learned_embeds.safetensors ({token: [N, dim]}, diffusers' load_textual_inversion format);
+--format a1111 also writes the A1111/ComfyUI file.
+\b
+Example:
+  adapt textual-inversion --images examples/cat --token "<cat-toy>" --init-token cat --output outputs/cat-ti
+  adapt generate "an emoji of <cat-toy>" --embedding outputs/cat-ti/learned_embeds.safetensors
+""")
+@user_errors
+def textual_inversion(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
+                      recipe: Recipe = None, overwrite: Overwrite = False,
+                      init_token: Annotated[Optional[str], typer.Option(help=H("textual_inversion", "init_token"))] = None,
+                      num_vectors: Annotated[Optional[int], typer.Option(help=H("textual_inversion", "num_vectors"))] = None,
+                      property: Annotated[Optional[str], typer.Option("--property", help=H("textual_inversion", "property"))] = None,
+                      format: Annotated[Optional[str], typer.Option("--format", help=H("textual_inversion", "format"))] = None,
+                      scale_lr: Annotated[Optional[bool], typer.Option("--scale-lr/--no-scale-lr", help=H("textual_inversion", "scale_lr"), show_default=False)] = None,
+                      prompt: Annotated[Optional[str], typer.Option(help="One prompt template instead of the --property templates; {token} is filled in.")] = None,
+                      resolution: Resolution = None, random_flip: RandomFlip = None,
+                      steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
+                      lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: 0.005]")] = None,
+                      lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
+                      max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
+                      cache_latents: CacheLatents = None, caption_dropout: CaptionDropout = None,
+                      seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
+                      resume: Resume = None):
+    _train("textual-inversion", dict(locals()))
+
+
 def _check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:
     from .schedulers import scheduler_names
 
@@ -286,6 +338,17 @@ def _loras(specs: list[str] | None) -> list[tuple[str, float]]:
 
 
 Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
+Embedding = Annotated[Optional[List[str]], typer.Option(help="Textual-inversion embedding (diffusers or A1111 safetensors), FILE[:TOKEN] to rename; repeatable.")]
+
+
+def _embeddings(specs: list[str] | None) -> list[tuple[str, str | None]]:
+    from .infer import parse_embedding
+
+    out = [parse_embedding(s) for s in (specs or [])]
+    for path, _ in out:
+        if not Path(path).is_file():
+            raise AdaptError(f"embedding file {path} not found; pass FILE[:TOKEN] with an existing .safetensors file")
+    return out
 Scheduler = Annotated[str, typer.Option(help="Sampler name; `adapt schedulers` lists them.")]
 SampleSteps = Annotated[int, typer.Option(help="Denoising steps.")]
 Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")]
@@ -301,7 +364,7 @@ Example:
 """)
 @user_errors
 def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
-             model: Model = None, lora: Lora = None,
+             model: Model = None, lora: Lora = None, embedding: Embedding = None,
              scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
              negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
@@ -309,17 +372,18 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              size: Size = None,
              output: Annotated[Optional[Path], typer.Option(help="Folder for image-NNN.png, grid.png, generation.json. Default: outputs/generate-<timestamp>.")] = None):
     _check_sampling(scheduler, steps, num_images, size)
-    loras = _loras(lora)
+    loras, embeddings = _loras(lora), _embeddings(embedding)
     out = output or Path("outputs") / f"generate-{time.strftime('%Y%m%d-%H%M%S')}"
 
     from .infer import generate as render, load_pipeline, write_images
 
-    pipe = load_pipeline(model, scheduler, loras=loras)
+    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings)
     seeds = [seed + i for i in range(num_images)]
     images = render(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance,
                     negative_prompt=negative_prompt, size=size)
     settings = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model or "bundled",
-                "loras": [{"file": p, "weight": w} for p, w in loras], "scheduler": scheduler, "steps": steps,
+                "loras": [{"file": p, "weight": w} for p, w in loras],
+                "embeddings": [{"file": p, "token": t} for p, t in embeddings], "scheduler": scheduler, "steps": steps,
                 "guidance": guidance, "seeds": seeds, "size": size}
     write_images(images, out, settings)
     log.info("wrote %d image(s) and grid.png to %s", len(images), out)
@@ -350,7 +414,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              refs: Annotated[Optional[Path], typer.Option(help="Folder of reference images named by the prompts' \"file\" (fidelity).")] = None,
              refs_b: Annotated[Optional[Path], typer.Option(help="Second style's references, same file names (style metric).")] = None,
              set_: Annotated[Optional[Path], typer.Option("--set", help="Folder of images to measure the distance to.")] = None,
-             model: Model = None, lora: Lora = None,
+             model: Model = None, lora: Lora = None, embedding: Embedding = None,
              compare_model: Annotated[Optional[str], typer.Option(help="Second model for drift and comparison; 'bundled' = the bundled base.")] = None,
              compare_lora: Annotated[Optional[List[str]], typer.Option(help="LoRA(s) for the compare model, FILE[:WEIGHT].")] = None,
              scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
@@ -374,17 +438,18 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
         items = read_prompts(prompts, seed)[:limit]
     else:
         items = [{"caption": p, "seed": seed + k} for p in prompt for k in range(num_images)]
-    loras, compare_loras = _loras(lora), _loras(compare_lora)
+    loras, compare_loras, embeddings = _loras(lora), _loras(compare_lora), _embeddings(embedding)
     out = output or Path("outputs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
 
     from .infer import generate as render, load_pipeline
 
-    def renderer(model_name, lora_list):
-        pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list)
+    def renderer(model_name, lora_list, embedding_list=()):
+        pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,
+                             embeddings=embedding_list)
         return lambda ps, ss: render(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
 
     compare = renderer(compare_model, compare_loras) if (compare_model or compare_loras) else None
-    metrics = run_eval(renderer(model, loras), items, out, refs_dir=refs, refs_b_dir=refs_b, compare=compare,
+    metrics = run_eval(renderer(model, loras, embeddings), items, out, refs_dir=refs, refs_b_dir=refs_b, compare=compare,
                        set_dir=set_, base_seed=seed, batch_size=batch_size)
     typer.echo(format_table(metrics))
     log.info("wrote eval.json and grid.png to %s", out)

@@ -92,6 +92,21 @@ class DreamBoothConfig:
             raise AdaptError(f"--class-steps must be >= 1, got {self.class_steps}")
 
 
+@dataclass
+class TextualInversionConfig:
+    init_token: str | None = _f(None, "An existing single-token word the new embedding starts from, e.g. 'cat'.")
+    num_vectors: int = _f(1, "Embedding vectors for the token (more = more capacity; token, token_1, ...).")
+    property: str = _f("object", "Prompt templates around the token: object or style (caption files override).")
+    format: str = _f("diffusers", "Embedding file format(s): diffusers, or a1111 to also write the A1111/ComfyUI file.")
+    scale_lr: bool = _f(False, "Multiply --lr by batch size x gradient accumulation.")
+
+    def __post_init__(self):
+        _choice("property", self.property, ("object", "style"))
+        _choice("format", self.format, ("diffusers", "a1111"))
+        if self.num_vectors < 1:
+            raise AdaptError(f"--num-vectors must be >= 1, got {self.num_vectors}")
+
+
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -136,7 +151,8 @@ def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
         raise AdaptError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "dreambooth": DreamBoothConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "dreambooth": DreamBoothConfig,
+                             "textual_inversion": TextualInversionConfig, "train": TrainConfig}
 
 
 def field_help(section: str, name: str) -> str:

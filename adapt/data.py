@@ -41,9 +41,11 @@ def fill_prompt(template: str, token: str | None, class_word: str | None) -> str
     return " ".join(text.split())  # a missing class word leaves no double space
 
 
-def instance_examples(folder: str | Path, token: str | None, template: str, class_word: str | None = None) -> list[Example]:
+def instance_examples(folder: str | Path, token: str | None, template: str | list[str],
+                      class_word: str | None = None) -> list[Example]:
     """Images of `folder`; prompt from `name.txt` beside the image or from `metadata.jsonl`
-    (`file_name`/`file` + `text`/`caption`), else from the template; {token} is substituted."""
+    (`file_name`/`file` + `text`/`caption`), else from the template; {token} is substituted.
+    With a list of templates, an image without a caption gives one example per template."""
     folder = Path(folder)
     images = list_images(folder)
     captions: dict[str, str] = {}
@@ -57,13 +59,15 @@ def instance_examples(folder: str | Path, token: str | None, template: str, clas
                 captions[row.get("file_name") or row["file"]] = row.get("text") or row["caption"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise AdaptError(f"{meta} line {n}: expected JSON with 'file_name' and 'text' keys") from None
-    if template == "a photo of {token}" and class_word:
-        template = "a photo of {token} {class_word}"
+    templates = [template] if isinstance(template, str) else list(template)
+    if templates == ["a photo of {token}"] and class_word:
+        templates = ["a photo of {token} {class_word}"]
     out = []
     for img in images:
         txt = img.with_suffix(".txt")
-        caption = txt.read_text().strip() if txt.is_file() else captions.get(img.name, template)
-        out.append(Example(img, fill_prompt(caption, token, class_word)))
+        caption = txt.read_text().strip() if txt.is_file() else captions.get(img.name)
+        for text in [caption] if caption else templates:
+            out.append(Example(img, fill_prompt(text, token, class_word)))
     return out
 
 

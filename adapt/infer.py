@@ -31,9 +31,18 @@ def parse_weighted(spec: str, what: str = "LoRA") -> tuple[str, float]:
     return spec, 1.0
 
 
+def parse_embedding(spec: str) -> tuple[str, str | None]:
+    """'file.safetensors:<token>' -> (file, '<token>'); a bare file keeps the token stored in it."""
+    if Path(spec).is_file():
+        return spec, None
+    path, sep, token = spec.rpartition(":")
+    return (path, token or None) if sep and path else (spec, None)
+
+
 def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, device: str | None = None,
-                  dtype=None, loras: list[tuple[str, float]] = ()):
-    """A diffusers StableDiffusionPipeline for `model` with the named scheduler and the LoRAs applied."""
+                  dtype=None, loras: list[tuple[str, float]] = (), embeddings: list[tuple[str, str | None]] = ()):
+    """A diffusers StableDiffusionPipeline for `model` with the named scheduler, the LoRAs applied
+    and the textual-inversion embeddings loaded."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -50,7 +59,24 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     set_loras(pipe, loras)
+    for path, token in embeddings:
+        load_embedding(pipe, path, token)
     return pipe
+
+
+def load_embedding(pipe, path: str, token: str | None = None) -> str:
+    """Load a diffusers or A1111/ComfyUI embedding (safetensors) under `token`; returns the token."""
+    from .methods.textual_inversion import read_embedding
+
+    token, emb = read_embedding(path, token)
+    try:
+        pipe.load_textual_inversion(emb.to(pipe.text_encoder.dtype), token=token, tokenizer=pipe.tokenizer,
+                                    text_encoder=pipe.text_encoder)
+    except ValueError as e:
+        raise AdaptError(f"embedding {path} cannot be loaded as {token!r} ({str(e).splitlines()[0][:160]}); "
+                         "was it made for another model, or is the token taken? rename it with FILE:TOKEN") from None
+    log.info("loaded embedding %s as %r (%d vector(s))", path, token, emb.shape[0] if emb.ndim == 2 else 1)
+    return token
 
 
 def set_loras(pipe, loras: list[tuple[str, float]]) -> None:

@@ -1,0 +1,147 @@
+"""Textual inversion: a new word for the text encoder; only its embedding row(s) learn.
+
+The token (and `token_1 ... token_{N-1}` for `--num-vectors N`, diffusers' naming) is added to the
+tokenizer, the embedding matrix grows, the new rows start from `--init-token`'s embedding. The
+optimizer sees the embedding matrix, and after every step all the other rows are copied back from
+the base, so they stay bit-identical; every other parameter is frozen. Prompts that name the token
+expand to all its vectors. Saved as `learned_embeds.safetensors` = {token: [N, dim]} (diffusers'
+`load_textual_inversion` format), optionally also in the A1111/ComfyUI format ({"emb_params"}).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import AdaptError
+from ..fileio import atomic_path, write_json
+from . import Method
+
+EMBEDS_FILE = "learned_embeds.safetensors"
+FORMATS = ("diffusers", "a1111")
+
+# Prompt templates around the token, written for this project (the paper's idea: many contexts,
+# so the embedding learns the concept and not one sentence).
+TEMPLATES = {
+    "object": [
+        "a photo of a {token}", "an emoji of {token}", "a picture of a {token}", "a drawing of a {token}",
+        "a rendering of a {token}", "an icon of a {token}", "a close-up picture of the {token}",
+        "a small {token}", "a clean image of the {token}", "an illustration of one {token}",
+    ],
+    "style": [
+        "an emoji in the style of {token}", "a picture in the style of {token}", "art in the style of {token}",
+        "a drawing in the style of {token}", "an icon in the style of {token}", "a {token} style illustration",
+        "a rendering, {token} style", "an image drawn like {token}",
+    ],
+}
+
+
+def vector_tokens(token: str, num_vectors: int) -> list[str]:
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def check_new_token(tokenizer, token: str) -> None:
+    if token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False).input_ids) == 1:
+        raise AdaptError(f"the token {token!r} already exists in the vocabulary; pick a new word such as '<{token.strip('<>')}-ti>'")
+
+
+def init_token_id(tokenizer, init_token: str) -> int:
+    ids = tokenizer(init_token, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise AdaptError(f"--init-token {init_token!r} is {len(ids)} tokens ({' '.join(pieces)}); pass a single "
+                         f"existing word, e.g. --init-token {pieces[0].replace('</w>', '') if pieces else 'cat'}")
+    return ids[0]
+
+
+class TextualInversionMethod(Method):
+    trainable_modules = ("text_encoder",)
+
+    def __init__(self, token: str, init_token: str, num_vectors: int = 1, formats: tuple[str, ...] = ("diffusers",)):
+        if num_vectors < 1:
+            raise AdaptError(f"--num-vectors must be >= 1, got {num_vectors}")
+        for f in formats:
+            if f not in FORMATS:
+                raise AdaptError(f"unknown format {f!r}; choose one of: {', '.join(FORMATS)}")
+        self.token, self.init_token, self.formats = token, init_token, formats
+        self.tokens = vector_tokens(token, num_vectors)
+
+    def prepare(self, components) -> None:
+        import torch
+
+        tok, te = components.tokenizer, components.text_encoder
+        init_id = init_token_id(tok, self.init_token)
+        for t in self.tokens:
+            check_new_token(tok, t)
+        tok.add_tokens(self.tokens)
+        self.ids = tok.convert_tokens_to_ids(self.tokens)
+        te.resize_token_embeddings(len(tok))
+        weight = te.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[self.ids] = weight[init_id].clone()
+        self.original = weight.detach().clone()
+        self.keep = torch.ones(weight.shape[0], dtype=torch.bool)
+        self.keep[self.ids] = False
+        te.requires_grad_(False)
+        weight.requires_grad_(True)
+
+    def trainable_parameters(self, components) -> list:
+        return [components.text_encoder.get_input_embeddings().weight]
+
+    def after_step(self, components) -> None:
+        import torch
+
+        weight = components.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[self.keep] = self.original[self.keep].to(weight.dtype)
+
+    def tokenize(self, tokenizer, prompt: str):
+        return super().tokenize(tokenizer, expand_prompt(prompt, self.token, len(self.tokens)))
+
+    def learned(self, components):
+        return components.text_encoder.get_input_embeddings().weight[self.ids].detach().float().cpu().contiguous()
+
+    def save(self, components, out_dir, recipe: dict) -> None:
+        out_dir = Path(out_dir)
+        save_embedding(self.learned(components), self.token, out_dir, recipe, self.formats)
+        write_json(out_dir / "recipe.json", recipe)
+
+
+def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
+    """'a <t> cat' -> 'a <t> <t>_1 <t>_2 cat' for a 3-vector token (whole-word matches only)."""
+    if num_vectors == 1:
+        return prompt
+    pattern = re.compile(rf"(?<!\S){re.escape(token)}(?!\S)")
+    return pattern.sub(" ".join(vector_tokens(token, num_vectors)), prompt)
+
+
+def save_embedding(embeds, token: str, out_dir: Path, recipe: dict, formats=("diffusers",)) -> list[Path]:
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", "adapt.recipe": json.dumps(recipe, sort_keys=True), "adapt.token": token}
+    written = []
+    for fmt in formats:
+        if fmt == "diffusers":
+            path, tensors = out_dir / EMBEDS_FILE, {token: embeds}
+        else:  # A1111 / ComfyUI: the file name is the prompt word, the vectors under "emb_params"
+            path, tensors = out_dir / f"{re.sub(r'[^A-Za-z0-9_-]+', '', token) or 'embedding'}.a1111.safetensors", {"emb_params": embeds}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        written.append(path)
+    return written
+
+
+def read_embedding(path: str | Path, token: str | None = None):
+    """(token, tensor [N, dim]) from a diffusers or A1111/ComfyUI safetensors embedding file."""
+    from ..formats import read_safetensors
+
+    tensors, meta = read_safetensors(path, "embedding")
+    if "emb_params" in tensors:
+        return token or meta.get("adapt.token") or Path(path).name.split(".")[0], tensors["emb_params"]
+    if len(tensors) == 1:
+        (name, emb), = tensors.items()
+        return token or name, emb
+    raise AdaptError(f"{path} is not a textual-inversion embedding (expected one tensor, or 'emb_params'; "
+                     f"found {', '.join(sorted(tensors))[:120]})")
