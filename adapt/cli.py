@@ -7,6 +7,7 @@ and the recipe have been checked, so `adapt --help` and argument errors answer a
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -98,6 +99,7 @@ CaptionDropout = Annotated[Optional[float], typer.Option(help=H("train", "captio
 CheckpointEvery = Annotated[Optional[int], typer.Option(help=H("train", "checkpoint_every"))]
 KeepCheckpoints = Annotated[Optional[int], typer.Option(help=H("train", "keep_checkpoints"))]
 Resume = Annotated[Optional[str], typer.Option(help=H("train", "resume"))]
+LoraFormat = Annotated[Optional[str], typer.Option("--format", help=H("lora", "format"))]
 
 
 def _output_dir(output: Path | None, method: str, overwrite: bool) -> Path:
@@ -232,6 +234,7 @@ def lora(images: Images = None, token: Token = None, model: Model = None, output
          alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha"))] = None,
          targets: Annotated[Optional[str], typer.Option(help=H("lora", "targets"))] = None,
          train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help=H("lora", "train_text_encoder"), show_default=False)] = None,
+         format: LoraFormat = None,
          steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None, lr: Lr = None,
          lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
          max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
@@ -273,6 +276,7 @@ def dreambooth(images: Images = None, token: Token = None, model: Model = None, 
                rank: Annotated[Optional[int], typer.Option(help=H("lora", "rank") + " (with --lora)")] = None,
                alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha") + " (with --lora)")] = None,
                targets: Annotated[Optional[str], typer.Option(help=H("lora", "targets") + " (with --lora)")] = None,
+               format: LoraFormat = None,
                steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
                lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: 5e-06 (full UNet), 0.0001 with --lora]")] = None,
                lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
@@ -365,6 +369,7 @@ Example:
 @user_errors
 def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
+             fuse: Annotated[bool, typer.Option(help="Fuse the LoRAs into the weights before sampling (faster; same images within float tolerance).")] = False,
              scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
              negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
@@ -377,7 +382,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
 
     from .infer import generate as render, load_pipeline, write_images
 
-    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings)
+    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings, fuse=fuse)
     seeds = [seed + i for i in range(num_images)]
     images = render(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance,
                     negative_prompt=negative_prompt, size=size)
@@ -453,6 +458,85 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
                        set_dir=set_, base_seed=seed, batch_size=batch_size)
     typer.echo(format_table(metrics))
     log.info("wrote eval.json and grid.png to %s", out)
+
+
+@app.command(help="""Combine LoRAs: into one LoRA file (exact weighted sum, or rank-R by SVD), or fused into a model folder.
+
+\b
+Examples:
+  adapt merge --lora a.safetensors:0.7 --lora b.safetensors:0.4 --output ab.safetensors
+  adapt merge --lora a.safetensors:0.7 --lora b.safetensors:0.4 --output ab8.safetensors --rank 8
+  adapt merge --lora a.safetensors:0.8 --into-model outputs/model-with-a
+""")
+@user_errors
+def merge(lora: Lora = None,
+          output: Annotated[Optional[Path], typer.Option(help="Write ONE LoRA file: sum_i w_i * (alpha_i/r_i) * B_i A_i (ranks concatenated).")] = None,
+          into_model: Annotated[Optional[Path], typer.Option(help="Write a diffusers model folder with the LoRAs fused into its weights.")] = None,
+          model: Model = None,
+          rank: Annotated[Optional[int], typer.Option(help="With --output: approximate the sum at this rank by SVD and print the relative error.")] = None,
+          format: Annotated[str, typer.Option("--format", help="Layout of --output: diffusers or kohya.")] = "diffusers",
+          overwrite: Overwrite = False):
+    loras = _loras(lora)
+    if not loras:
+        raise AdaptError("nothing to merge; pass --lora FILE[:WEIGHT] (repeatable)")
+    if (output is None) == (into_model is None):
+        raise AdaptError("pass exactly one of --output FILE (a LoRA file) or --into-model DIR (a model folder)")
+    target = output or into_model
+    if target.exists() and not overwrite:
+        raise AdaptError(f"{target} already exists; pass another path or --overwrite to replace it")
+    if output is not None:
+        from .loras import FORMATS, combine, read_lora, reduce_rank, write_lora
+
+        if format not in FORMATS:
+            raise AdaptError(f"unknown LoRA format {format!r}; choose one of: {', '.join(FORMATS)}")
+        merged = combine([(read_lora(p)[0], w) for p, w in loras])
+        if rank is not None:
+            merged, err = reduce_rank(merged, rank)
+            typer.echo(f"rank {rank}: relative error ||dW - dW_r|| / ||dW|| = {err:.6f}")
+        meta = {"adapt.merge": json.dumps({"loras": [{"file": p, "weight": w} for p, w in loras], "rank": rank})}
+        write_lora(output, merged, format, meta)
+        log.info("wrote %s (%s layout, rank %d)", output, format, next(iter(merged.values())).rank)
+        return
+    if rank is not None:
+        raise AdaptError("--rank applies to --output (a LoRA file), not to --into-model")
+    import torch
+
+    from .fileio import atomic_dir
+    from .infer import load_pipeline
+
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32, loras=loras, fuse=True)
+    with atomic_dir(into_model) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        from .fileio import write_json
+
+        write_json(tmp / "recipe.json", {"method": "merge", "base_model": str(model or "bundled"),
+                                         "loras": [{"file": p, "weight": w} for p, w in loras]})
+    log.info("wrote model folder %s with %d LoRA(s) fused", into_model, len(loras))
+
+
+@app.command(help="""Convert a LoRA file between the diffusers/peft and kohya/A1111/ComfyUI layouts.
+
+\b
+Example:
+  adapt convert outputs/cat-lora/pytorch_lora_weights.safetensors --to kohya --output cat.safetensors
+""")
+@user_errors
+def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert (either layout).")],
+            to: Annotated[str, typer.Option(help="Target layout: kohya or diffusers.")],
+            output: Annotated[Path, typer.Option(help="Where to write the converted file.")],
+            overwrite: Overwrite = False):
+    from .loras import FORMATS, read_lora, write_lora
+
+    if to not in FORMATS:
+        raise AdaptError(f"unknown LoRA format {to!r}; choose one of: {', '.join(FORMATS)}")
+    if not file.is_file():
+        raise AdaptError(f"LoRA file {file} not found")
+    if output.exists() and not overwrite:
+        raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
+    loras, meta = read_lora(file)
+    keep = {k: v for k, v in meta.items() if k.startswith(("adapt.", "ss_")) and k not in ("ss_network_dim", "ss_network_alpha")}
+    write_lora(output, loras, to, keep)
+    log.info("wrote %s (%s layout, %d modules)", output, to, len(loras))
 
 
 @app.command(help="List the sampler names `generate` accepts, with when to choose each.")

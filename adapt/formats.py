@@ -13,38 +13,42 @@ import shutil
 from pathlib import Path
 
 from .errors import AdaptError
-from .fileio import atomic_path, write_json
+from .fileio import atomic_dir, atomic_path, write_json
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RECIPE_FILE = "recipe.json"
 
 
-def _adapter_metadata(module, prefix: str) -> dict:
-    cfg = module.peft_config["default"].to_dict()
-    return {f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-
-
-def save_lora(components, out_dir, recipe: dict) -> Path:
-    from diffusers.utils import convert_state_dict_to_diffusers
+def peft_loras(components) -> dict:
+    """The trained peft adapters of the UNet / text encoder as {component.module_path: Lora}."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    tensors, adapter_meta = {}, {}
-    for prefix, module in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+    from .loras import Lora
+
+    out = {}
+    for prefix in ("unet", "text_encoder"):
+        module = getattr(components, prefix, None)
         if module is None or not getattr(module, "peft_config", None):
             continue
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-        tensors.update({f"{prefix}.{k}": v.detach().float().contiguous().cpu() for k, v in state.items()})
-        adapter_meta.update(_adapter_metadata(module, prefix))
-    metadata = {
-        "format": "pt",
-        "lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True),
-        "adapt.recipe": json.dumps(recipe, sort_keys=True),
-    }
-    path = Path(out_dir) / LORA_FILE
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    write_json(Path(out_dir) / RECIPE_FILE, recipe)
+        alpha = float(module.peft_config["default"].lora_alpha)
+        state = get_peft_model_state_dict(module)
+        for key, down in state.items():
+            if ".lora_A." in key:
+                path = key.split(".lora_A.")[0]
+                up = state[key.replace(".lora_A.", ".lora_B.")]
+                out[f"{prefix}.{path}"] = Lora(down.detach().float().cpu(), up.detach().float().cpu(), alpha)
+    return out
+
+
+def save_lora(components, out_dir, recipe: dict, fmt: str = "diffusers") -> Path:
+    """The run's LoRA file: diffusers layout as `pytorch_lora_weights.safetensors`, or kohya
+    layout as `<run folder name>.safetensors` (the name A1111 shows), with the recipe inside."""
+    from .loras import write_lora
+
+    out_dir = Path(out_dir)
+    name = LORA_FILE if fmt == "diffusers" else f"{out_dir.resolve().name}.safetensors"
+    path = write_lora(out_dir / name, peft_loras(components), fmt, {"adapt.recipe": json.dumps(recipe, sort_keys=True)})
+    write_json(out_dir / RECIPE_FILE, recipe)
     return path
 
 
@@ -71,7 +75,8 @@ def lora_recipe(path: str | Path) -> dict:
 
 def save_pipeline(components, out_dir, recipe: dict) -> Path:
     """Write a full diffusers pipeline folder: trained modules from memory, the rest copied from
-    the base folder (they did not change, and may have been released after caching)."""
+    the base folder (they did not change, and may have been released after caching). Each
+    component folder appears whole or not at all."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(components.source)
@@ -81,23 +86,14 @@ def save_pipeline(components, out_dir, recipe: dict) -> Path:
     for entry in sorted(src.iterdir()):
         if entry.name in trained or entry.name.startswith("."):
             continue
-        dest = out_dir / entry.name
-        partial = out_dir / f".{entry.name}.partial"
         if entry.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(entry, partial)
+            with atomic_dir(out_dir / entry.name) as tmp:
+                shutil.copytree(entry, tmp, dirs_exist_ok=True)
         else:
-            shutil.copy2(entry, partial)
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        partial.replace(dest)
+            with atomic_path(out_dir / entry.name) as tmp:
+                shutil.copy2(entry, tmp)
     for name, module in trained.items():
-        partial = out_dir / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        module.save_pretrained(partial, safe_serialization=True)
-        dest = out_dir / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        partial.replace(dest)
+        with atomic_dir(out_dir / name) as tmp:
+            module.save_pretrained(tmp, safe_serialization=True)
     write_json(out_dir / RECIPE_FILE, recipe)
     return out_dir

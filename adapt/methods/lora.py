@@ -44,4 +44,4 @@ class LoraMethod(Method):
     def save(self, components, out_dir, recipe: dict) -> None:
         from ..formats import save_lora
 
-        save_lora(components, out_dir, recipe)
+        save_lora(components, out_dir, recipe, self.cfg.format)
