@@ -4,8 +4,10 @@ A checkpoint folder `checkpoints/step-000100/` holds
     trainable.safetensors   the trainable weights only (a LoRA checkpoint stays small)
     optimizer.pt            optimizer, LR-scheduler and grad-scaler state (tensors and numbers
                             only: read back with torch.load(weights_only=True))
-    rng.safetensors         the loop's generators (data order, flips/caption dropout, noise)
-    loop.json               step, pending batch order, losses so far, the recipe
+    rng.safetensors         the loop's generators (data order, flips/caption dropout, noise) and
+                            torch's global CPU/CUDA generators
+    loop.json               step, pending batch order, losses so far, the recipe, and the
+                            global numpy / python random states
 It is written under a temporary name and renamed when complete, so a crash mid-save leaves the
 previous checkpoint usable.
 """
@@ -13,11 +15,12 @@ previous checkpoint usable.
 from __future__ import annotations
 
 import json
-import os
+import random
 import shutil
 from pathlib import Path
 
 from .errors import AdaptError
+from .fileio import atomic_dir
 
 PREFIX = "step-"
 
@@ -43,27 +46,30 @@ def find_checkpoint(root: Path, resume: str) -> Path:
 
 def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
                     generators: dict, loop: dict, keep: int) -> Path:
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().float().contiguous().cpu() for n, p in named_params.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
-    save_file({k: g.get_state() for k, g in generators.items()}, str(tmp / "rng.safetensors"))
-    (tmp / "loop.json").write_text(json.dumps({"step": step, **loop}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_file({n: p.detach().float().contiguous().cpu() for n, p in named_params.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+        rng = {k: g.get_state() for k, g in generators.items()}
+        rng["torch_global"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        np_state = np.random.get_state()
+        global_rng = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+        (tmp / "loop.json").write_text(json.dumps({"step": step, **loop, "global_rng": global_rng}))
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: Path, named_params: dict, optimizer, lr_scheduler, scaler, generators: dict) -> dict:
+    import numpy as np
     import torch
     from safetensors.torch import load_file
 
@@ -80,5 +86,16 @@ def load_checkpoint(path: Path, named_params: dict, optimizer, lr_scheduler, sca
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     for k, t in load_file(str(path / "rng.safetensors")).items():
-        generators[k].set_state(t)
-    return json.loads((path / "loop.json").read_text())
+        if k in generators:
+            generators[k].set_state(t)
+        elif k == "torch_global":
+            torch.set_rng_state(t)
+        elif k.startswith("torch_cuda_") and torch.cuda.is_available() and int(k[11:]) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(t, int(k[11:]))
+    loop = json.loads((path / "loop.json").read_text())
+    if "global_rng" in loop:
+        version, state, gauss = loop["global_rng"]["python"]
+        random.setstate((version, tuple(state), gauss))
+        name, keys, *rest = loop["global_rng"]["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    return loop

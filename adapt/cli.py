@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+import typer.core
 
 from .config import field_help as H
 from .errors import AdaptError
@@ -30,8 +31,20 @@ Examples:
   adapt schedulers                                             # the sampler names generate accepts
 """
 
+class _Commands(typer.core.TyperGroup):
+    """An unknown command names the valid ones."""
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as e:  # click's UsageError (typer vendors click, so match by attribute)
+            if args and hasattr(e, "message"):
+                e.message = f"unknown command '{args[0]}'; choose one of: {', '.join(self.list_commands(ctx))}"
+            raise
+
+
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode=None)
+                  rich_markup_mode=None, cls=_Commands)
 log = logging.getLogger("adapt")
 _DEBUG = {"on": bool(os.environ.get("ADAPT_DEBUG"))}
 
@@ -99,6 +112,8 @@ CaptionDropout = Annotated[Optional[float], typer.Option(help=H("train", "captio
 CheckpointEvery = Annotated[Optional[int], typer.Option(help=H("train", "checkpoint_every"))]
 KeepCheckpoints = Annotated[Optional[int], typer.Option(help=H("train", "keep_checkpoints"))]
 Resume = Annotated[Optional[str], typer.Option(help=H("train", "resume"))]
+SkipBad = Annotated[Optional[bool], typer.Option("--skip-bad-images/--no-skip-bad-images", help=H("data", "skip_bad_images"), show_default=False)]
+SkipNonfinite = Annotated[Optional[bool], typer.Option("--skip-nonfinite/--no-skip-nonfinite", help=H("train", "skip_nonfinite"), show_default=False)]
 LoraFormat = Annotated[Optional[str], typer.Option("--format", help=H("lora", "format"))]
 
 
@@ -194,13 +209,14 @@ def _train(method_name: str, options: dict) -> None:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
 
-    from .data import instance_examples
+    from .data import check_images, instance_examples
     from .models import native_resolution, resolve_model
 
     examples = instance_examples(data.images, data.token, template, data.class_word)
     log.info("%d images from %s; e.g. prompt: %r", len(examples), data.images, examples[0].prompt)
     model = options.get("model")
     resolution = data.resolution or native_resolution(resolve_model(model))
+    examples = check_images(examples, resolution, data.skip_bad_images)
     if db is not None and db.prior_preservation:
         examples += _class_examples(model, data, db, resolution)
 
@@ -229,7 +245,7 @@ Example:
 @user_errors
 def lora(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
          recipe: Recipe = None, overwrite: Overwrite = False,
-         prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None,
+         prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
          rank: Annotated[Optional[int], typer.Option(help=H("lora", "rank"))] = None,
          alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha"))] = None,
          targets: Annotated[Optional[str], typer.Option(help=H("lora", "targets"))] = None,
@@ -240,7 +256,7 @@ def lora(images: Images = None, token: Token = None, model: Model = None, output
          max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
          cache_latents: CacheLatents = None, cache_text: CacheText = None, caption_dropout: CaptionDropout = None,
          seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
-         resume: Resume = None):
+         resume: Resume = None, skip_nonfinite: SkipNonfinite = None):
     _train("lora", dict(locals()))
 
 
@@ -263,7 +279,7 @@ Example:
 @user_errors
 def dreambooth(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
                recipe: Recipe = None, overwrite: Overwrite = False,
-               prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None,
+               prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
                prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help=H("dreambooth", "prior_preservation"), show_default=False)] = None,
                class_prompt: Annotated[Optional[str], typer.Option(help=H("dreambooth", "class_prompt"))] = None,
                num_class_images: Annotated[Optional[int], typer.Option(help=H("dreambooth", "num_class_images"))] = None,
@@ -283,7 +299,7 @@ def dreambooth(images: Images = None, token: Token = None, model: Model = None, 
                max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
                cache_latents: CacheLatents = None, cache_text: CacheText = None, caption_dropout: CaptionDropout = None,
                seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
-               resume: Resume = None):
+               resume: Resume = None, skip_nonfinite: SkipNonfinite = None):
     _train("dreambooth", dict(locals()))
 
 
@@ -309,14 +325,14 @@ def textual_inversion(images: Images = None, token: Token = None, model: Model =
                       format: Annotated[Optional[str], typer.Option("--format", help=H("textual_inversion", "format"))] = None,
                       scale_lr: Annotated[Optional[bool], typer.Option("--scale-lr/--no-scale-lr", help=H("textual_inversion", "scale_lr"), show_default=False)] = None,
                       prompt: Annotated[Optional[str], typer.Option(help="One prompt template instead of the --property templates; {token} is filled in.")] = None,
-                      resolution: Resolution = None, random_flip: RandomFlip = None,
+                      resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
                       steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
                       lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: 0.005]")] = None,
                       lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
                       max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
                       cache_latents: CacheLatents = None, caption_dropout: CaptionDropout = None,
                       seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
-                      resume: Resume = None):
+                      resume: Resume = None, skip_nonfinite: SkipNonfinite = None):
     _train("textual-inversion", dict(locals()))
 
 
@@ -342,6 +358,7 @@ def _loras(specs: list[str] | None) -> list[tuple[str, float]]:
 
 
 Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
+AllowPickle = Annotated[bool, typer.Option(help="Also read pickle LoRA/embedding files (.pt/.bin/.ckpt), tensors only, with a warning. Only for files you trust.")]
 Embedding = Annotated[Optional[List[str]], typer.Option(help="Textual-inversion embedding (diffusers or A1111 safetensors), FILE[:TOKEN] to rename; repeatable.")]
 
 
@@ -370,6 +387,7 @@ Example:
 def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
              fuse: Annotated[bool, typer.Option(help="Fuse the LoRAs into the weights before sampling (faster; same images within float tolerance).")] = False,
+             allow_pickle: AllowPickle = False,
              scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
              negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
@@ -382,7 +400,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
 
     from .infer import generate as render, load_pipeline, write_images
 
-    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings, fuse=fuse)
+    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings, fuse=fuse, allow_pickle=allow_pickle)
     seeds = [seed + i for i in range(num_images)]
     images = render(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance,
                     negative_prompt=negative_prompt, size=size)
@@ -426,6 +444,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              seed: Annotated[int, typer.Option(help="Seed of the first prompt; prompt i uses seed+i unless its line sets one.")] = 0,
              size: Size = None,
              batch_size: Annotated[int, typer.Option(help="Images rendered at once.")] = 8,
+             allow_pickle: AllowPickle = False,
              output: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and grid.png. Default: outputs/eval-<timestamp>.")] = None):
     from .evaluate import format_table, read_prompts, run_eval
 
@@ -450,7 +469,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
 
     def renderer(model_name, lora_list, embedding_list=()):
         pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,
-                             embeddings=embedding_list)
+                             embeddings=embedding_list, allow_pickle=allow_pickle)
         return lambda ps, ss: render(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
 
     compare = renderer(compare_model, compare_loras) if (compare_model or compare_loras) else None
@@ -475,7 +494,7 @@ def merge(lora: Lora = None,
           model: Model = None,
           rank: Annotated[Optional[int], typer.Option(help="With --output: approximate the sum at this rank by SVD and print the relative error.")] = None,
           format: Annotated[str, typer.Option("--format", help="Layout of --output: diffusers or kohya.")] = "diffusers",
-          overwrite: Overwrite = False):
+          overwrite: Overwrite = False, allow_pickle: AllowPickle = False):
     loras = _loras(lora)
     if not loras:
         raise AdaptError("nothing to merge; pass --lora FILE[:WEIGHT] (repeatable)")
@@ -489,7 +508,7 @@ def merge(lora: Lora = None,
 
         if format not in FORMATS:
             raise AdaptError(f"unknown LoRA format {format!r}; choose one of: {', '.join(FORMATS)}")
-        merged = combine([(read_lora(p)[0], w) for p, w in loras])
+        merged = combine([(read_lora(p, allow_pickle)[0], w) for p, w in loras])
         if rank is not None:
             merged, err = reduce_rank(merged, rank)
             typer.echo(f"rank {rank}: relative error ||dW - dW_r|| / ||dW|| = {err:.6f}")
@@ -504,7 +523,7 @@ def merge(lora: Lora = None,
     from .fileio import atomic_dir
     from .infer import load_pipeline
 
-    pipe = load_pipeline(model, device="cpu", dtype=torch.float32, loras=loras, fuse=True)
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32, loras=loras, fuse=True, allow_pickle=allow_pickle)
     with atomic_dir(into_model) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         from .fileio import write_json
@@ -524,7 +543,7 @@ Example:
 def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert (either layout).")],
             to: Annotated[str, typer.Option(help="Target layout: kohya or diffusers.")],
             output: Annotated[Path, typer.Option(help="Where to write the converted file.")],
-            overwrite: Overwrite = False):
+            overwrite: Overwrite = False, allow_pickle: AllowPickle = False):
     from .loras import FORMATS, read_lora, write_lora
 
     if to not in FORMATS:
@@ -533,7 +552,7 @@ def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert 
         raise AdaptError(f"LoRA file {file} not found")
     if output.exists() and not overwrite:
         raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
-    loras, meta = read_lora(file)
+    loras, meta = read_lora(file, allow_pickle)
     keep = {k: v for k, v in meta.items() if k.startswith(("adapt.", "ss_")) and k not in ("ss_network_dim", "ss_network_alpha")}
     write_lora(output, loras, to, keep)
     log.info("wrote %s (%s layout, %d modules)", output, to, len(loras))

@@ -33,6 +33,7 @@ class DataConfig:
     class_word: str | None = _f(None, "The concept's class, e.g. 'cat'; appended to the default prompt as 'a photo of {token} {class_word}'.")
     resolution: int | None = _f(None, "Training size in pixels (resize shorter side, center crop). Default: the model's native size.")
     random_flip: bool = _f(False, "Also train on horizontally flipped images (doubles the latent cache).")
+    skip_bad_images: bool = _f(False, "Skip unreadable images with a warning instead of stopping.")
 
     def __post_init__(self):
         if self.token is not None:
@@ -133,6 +134,7 @@ class TrainConfig:
     seed: int = _f(0, "Seed for noise, timesteps, data order and new weights.")
     checkpoint_every: int = _f(0, "Save the full training state every N steps under OUTPUT/checkpoints (0 = never).")
     keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep.")
+    skip_nonfinite: bool = _f(False, "Skip a batch whose loss is NaN/inf (logged) instead of stopping the run.")
     resume: str | None = _f(None, "Continue a run: 'latest' (newest checkpoint in --output) or a checkpoint folder.")
 
     def __post_init__(self):

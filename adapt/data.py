@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AdaptError
+from PIL import Image
+
 from .images import IMAGE_SUFFIXES, load_rgb
 
 
@@ -34,6 +36,31 @@ def list_images(folder: str | Path) -> list[Path]:
     if not images:
         raise AdaptError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; put your training images there")
     return images
+
+
+def check_images(examples: list[Example], resolution: int, skip_bad: bool = False) -> list[Example]:
+    """Decode every image once before any model is loaded: a corrupt file is named at once (or
+    dropped with a warning under skip_bad); images smaller than the resolution get a warning."""
+    import logging
+
+    log = logging.getLogger("adapt")
+    bad: set[Path] = set()
+    for image in dict.fromkeys(ex.image for ex in examples):
+        try:
+            size = load_rgb(image).size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            if not skip_bad:
+                raise AdaptError(f"cannot read image {image} ({str(e).splitlines()[0]}); fix or remove it, "
+                                 "or pass --skip-bad-images") from None
+            log.warning("skipping unreadable image %s (%s)", image, str(e).splitlines()[0])
+            bad.add(image)
+            continue
+        if min(size) < resolution:
+            log.warning("image %s is %dx%d, smaller than the training resolution %d: upscaled", image, *size, resolution)
+    kept = [ex for ex in examples if ex.image not in bad]
+    if not kept:
+        raise AdaptError("none of the images could be read; pass a folder of valid .png/.jpg images")
+    return kept
 
 
 def fill_prompt(template: str, token: str | None, class_word: str | None) -> str:

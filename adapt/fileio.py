@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -19,8 +20,9 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _disk_full(e, path)
         raise
 
 
@@ -49,6 +51,17 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(old)
         else:
             tmp.rename(path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _disk_full(e, path)
         raise
+
+
+def _disk_full(error: BaseException, path: Path) -> None:
+    """Out of space (or quota) while writing: one clear line; the partial file is already gone
+    and whatever was at `path` before is untouched."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        from .errors import AdaptError
+
+        raise AdaptError(f"no space left on the device while writing {path}; nothing was replaced. "
+                         "Free some space (or choose another --output) and run again (--resume latest continues a run)") from None

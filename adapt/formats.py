@@ -52,8 +52,16 @@ def save_lora(components, out_dir, recipe: dict, fmt: str = "diffusers") -> Path
     return path
 
 
-def read_safetensors(path: str | Path, what: str = "weights"):
-    """(tensors, metadata) of a .safetensors file, or a one-line error. No pickle here."""
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool = False):
+    """(tensors, metadata) of a .safetensors file, or a one-line error.
+
+    Pickle files (.pt/.bin/.ckpt) are read only with allow_pickle (the user's --allow-pickle),
+    with a warning, and even then through torch.load(weights_only=True): tensors, numbers and
+    strings only, never arbitrary objects. Nested dicts (A1111 embeddings) are flattened with '.'.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -63,8 +71,37 @@ def read_safetensors(path: str | Path, what: str = "weights"):
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdaptError(f"{path} is not a readable .safetensors {what} file ({e}); "
-                         "adapt reads safetensors only") from None
+        reason = str(e)
+    if not allow_pickle:
+        hint = (" It looks like a pickle file: convert it to safetensors, or pass --allow-pickle if you trust"
+                " where it came from (pickle files can run code).") if path.suffix.lower() in PICKLE_SUFFIXES else ""
+        raise AdaptError(f"{path} is not a readable .safetensors {what} file ({reason}); adapt reads safetensors only.{hint}")
+    import logging
+
+    import torch
+
+    logging.getLogger("adapt").warning("--allow-pickle: reading pickle file %s (tensors only, weights_only=True); "
+                                       "only do this for files you trust", path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure: corrupt file or objects that weights_only refuses
+        raise AdaptError(f"{path} is neither safetensors nor a tensors-only pickle ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(obj, torch.Tensor):
+        obj = {"emb_params": obj}
+    flat: dict = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", obj)
+    meta = {"adapt.pickle": "1"}
+    if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+        meta["adapt.pickle_name"] = obj["name"]
+    return flat, meta
 
 
 def lora_recipe(path: str | Path) -> dict:

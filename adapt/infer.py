@@ -41,7 +41,7 @@ def parse_embedding(spec: str) -> tuple[str, str | None]:
 
 def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, device: str | None = None,
                   dtype=None, loras: list[tuple[str, float]] = (), embeddings: list[tuple[str, str | None]] = (),
-                  fuse: bool = False):
+                  fuse: bool = False, allow_pickle: bool = False):
     """A diffusers StableDiffusionPipeline for `model` with the named scheduler, the LoRAs applied
     and the textual-inversion embeddings loaded. `fuse` folds the LoRAs into the weights (faster
     sampling, same images within float tolerance) and removes the adapter layers."""
@@ -60,20 +60,20 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    set_loras(pipe, loras)
+    set_loras(pipe, loras, allow_pickle)
     if fuse and loras:
         pipe.fuse_lora(adapter_names=pipe.get_active_adapters())
         pipe.unload_lora_weights()
     for path, token in embeddings:
-        load_embedding(pipe, path, token)
+        load_embedding(pipe, path, token, allow_pickle)
     return pipe
 
 
-def load_embedding(pipe, path: str, token: str | None = None) -> str:
-    """Load a diffusers or A1111/ComfyUI embedding (safetensors) under `token`; returns the token."""
+def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool = False) -> str:
+    """Load a diffusers or A1111/ComfyUI embedding under `token`; returns the token."""
     from .methods.textual_inversion import read_embedding
 
-    token, emb = read_embedding(path, token)
+    token, emb = read_embedding(path, token, allow_pickle)
     try:
         pipe.load_textual_inversion(emb.to(pipe.text_encoder.dtype), token=token, tokenizer=pipe.tokenizer,
                                     text_encoder=pipe.text_encoder)
@@ -84,16 +84,24 @@ def load_embedding(pipe, path: str, token: str | None = None) -> str:
     return token
 
 
-def set_loras(pipe, loras: list[tuple[str, float]]) -> None:
+def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False) -> None:
     """Apply LoRAs, each with its own weight: W + sum_i w_i * (alpha_i / r_i) * B_i A_i.
 
-    Weight 0 adds exact zeros, so it reproduces the base model bit for bit.
+    Weight 0 adds exact zeros, so it reproduces the base model bit for bit. A pickle LoRA (only
+    with allow_pickle) is read tensors-only and handed to diffusers as a safetensors copy.
     """
+    import tempfile
+
     if not loras:
         return
     names, weights = [], []
+    tmp = tempfile.TemporaryDirectory()
     for i, (path, weight) in enumerate(loras):
-        read_safetensors(path, "LoRA")  # clear error for a missing / non-safetensors file
+        _, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
+        if meta.get("adapt.pickle"):
+            from .loras import read_lora, write_lora
+
+            path = write_lora(Path(tmp.name) / f"{i}.safetensors", read_lora(path, allow_pickle)[0])
         name = f"lora_{i}"
         try:
             pipe.load_lora_weights(str(path), adapter_name=name)
@@ -102,6 +110,7 @@ def set_loras(pipe, loras: list[tuple[str, float]]) -> None:
                              "was it trained on another base model?") from None
         names.append(name)
         weights.append(weight)
+    tmp.cleanup()
     pipe.set_adapters(names, adapter_weights=weights)
 
 

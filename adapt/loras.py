@@ -110,11 +110,11 @@ def _peft_alpha(meta: dict, component: str, module_path: str, rank: int) -> floa
     return float(rank)
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, Lora], dict]:
-    """(modules, metadata) of a diffusers/peft or kohya LoRA safetensors file."""
+def read_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, Lora], dict]:
+    """(modules, metadata) of a diffusers/peft or kohya LoRA file (safetensors; pickle only with allow_pickle)."""
     from .formats import read_safetensors
 
-    tensors, meta = read_safetensors(path, "LoRA")
+    tensors, meta = read_safetensors(path, "LoRA", allow_pickle)
     if not tensors:
         raise AdaptError(f"{path} holds no tensors; pass a LoRA file")
     parts: dict[str, dict] = {}

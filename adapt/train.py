@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import TrainConfig
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import BatchOrder, Example, load_pixels, loss_weights
 from .errors import AdaptError
 
@@ -181,7 +181,7 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in _metric_rows(metrics_path, step)))
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
-    running = 0.0
+    running, skipped = 0.0, 0
     while step < cfg.steps:
         batch = [examples[i] for i in order.next()]
         flipped = [bool(random_flip and torch.rand((), generator=data_rng) < 0.5) for _ in batch]
@@ -202,19 +202,30 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
                 timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (len(batch),),
                                           generator=step_rng, device=device)
                 loss = diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, loss_weights(batch), noise, timesteps)
+            value = loss.detach().float().item()
+            if not math.isfinite(value):  # checked before backward: a bad batch never reaches the weights
+                if not cfg.skip_nonfinite:
+                    kept = list_checkpoints(ckpt_root)
+                    raise AdaptError(
+                        f"the loss became {value} at step {step + 1}; stopped before it reached the weights"
+                        f" ({'last good checkpoint: ' + str(kept[-1]) if kept else 'no checkpoint was written'})."
+                        " Likely causes: fp16 overflow (use --mixed-precision bf16 or no), a too high --lr;"
+                        " --skip-nonfinite skips such batches instead")
+                skipped += 1
+                log.warning("non-finite loss at step %d: batch skipped (%d so far)", step + 1, skipped)
+                optimizer.zero_grad(set_to_none=True)
+                continue
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        running += loss.detach().float().item() / cfg.grad_accum
+        running += value / cfg.grad_accum
         if not accelerator.sync_gradients:
             continue
         method.after_step(c)
         step += 1
-        if not math.isfinite(running):
-            raise AdaptError(f"the loss became {running} at step {step}; lower --lr, or use bf16/no instead of fp16")
         losses.append(running)
         lr = lr_scheduler.get_last_lr()[0]
         if accelerator.is_main_process:

@@ -133,13 +133,17 @@ def save_embedding(embeds, token: str, out_dir: Path, recipe: dict, formats=("di
     return written
 
 
-def read_embedding(path: str | Path, token: str | None = None):
-    """(token, tensor [N, dim]) from a diffusers or A1111/ComfyUI safetensors embedding file."""
+def read_embedding(path: str | Path, token: str | None = None, allow_pickle: bool = False):
+    """(token, tensor [N, dim]) from a diffusers or A1111/ComfyUI embedding file (safetensors;
+    A1111 .pt pickles only with allow_pickle)."""
     from ..formats import read_safetensors
 
-    tensors, meta = read_safetensors(path, "embedding")
+    tensors, meta = read_safetensors(path, "embedding", allow_pickle)
+    if "string_to_param.*" in tensors:  # A1111 .pt
+        tensors = {"emb_params": tensors["string_to_param.*"]}
     if "emb_params" in tensors:
-        return token or meta.get("adapt.token") or Path(path).name.split(".")[0], tensors["emb_params"]
+        name = meta.get("adapt.token") or meta.get("adapt.pickle_name") or Path(path).name.split(".")[0]
+        return token or name, tensors["emb_params"]
     if len(tensors) == 1:
         (name, emb), = tensors.items()
         return token or name, emb

@@ -1,0 +1,242 @@
+"""Reliability: a SIGKILLed run resumes exactly, saves are atomic, NaN stops before it harms,
+disk-full and bad input are one-line errors, pickle only on request."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import adapt.train
+from adapt.checkpoint import list_checkpoints
+from adapt.cli import app
+from adapt.config import LoraConfig, TrainConfig
+from adapt.data import check_images, instance_examples
+from adapt.errors import AdaptError
+from adapt.images import load_rgb
+from adapt.methods.lora import LoraMethod
+from adapt.models import load_components
+from adapt.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_model, concept_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "adapt", "lora", "--images", str(concept_dir), "--token", "<sks>", "--model",
+                str(tiny_model), "--output", str(out), "--steps", "400", "--batch-size", "2", "--lr", "1e-2",
+                "--random-flip", "--caption-dropout", "0.2", "--checkpoint-every", "40", "--keep-checkpoints", "2", *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True, env=env)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not list_checkpoints(killed / "checkpoints") or list_checkpoints(killed / "checkpoints")[-1].name < "step-000080":
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / LORA).exists()  # it really died mid-run
+    last = list_checkpoints(killed / "checkpoints")[-1]
+    resumed_from = int(last.name.split("-")[1])
+
+    subprocess.run(cmd(killed, "--resume", "latest"), check=True, capture_output=True, env=env)
+    full, again = _losses(tmp_path / "full"), _losses(killed)
+    assert len(again) == len(full) == 400
+    assert again[resumed_from:] == full[resumed_from:]
+    a, b = load_file(str(tmp_path / "full" / LORA)), load_file(str(killed / LORA))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_during_checkpoint_save_leaves_the_previous_one_usable(tiny_model, concept_dir, tmp_path, monkeypatch):
+    examples = instance_examples(concept_dir, "<sks>", "a photo of {token}")
+    cfg = dict(steps=6, lr=1e-2, checkpoint_every=2, keep_checkpoints=5)
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, {"n": 0}
+
+    def crash_on_second_checkpoint(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # trainable.safetensors of the second checkpoint
+            raise RuntimeError("power cut")
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_on_second_checkpoint)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg), tmp_path, resolution=16,
+              progress=False)
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-000002"]  # no half-written folder left behind
+    result = train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg, resume="latest"),
+                   tmp_path, resolution=16, progress=False)
+    assert result["steps"] == 6 and (tmp_path / LORA).is_file()
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tiny_model, concept_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    common = ["lora", "--images", concept_dir, "--token", "<sks>", "--model", tiny_model, "--output", out, "--steps", "2"]
+    assert run(*common)[0] == 0
+    before = (out / LORA).read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    code, log = run(*common, "--overwrite", "--lr", "1e-2")
+    assert code == 2 and "no space left on the device while writing" in log and "Traceback" not in log
+    assert (out / LORA).read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_nonfinite_loss_stops_before_the_weights_or_is_skipped(tiny_model, concept_dir, tmp_path, monkeypatch):
+    examples = instance_examples(concept_dir, "<sks>", "a photo of {token}")
+    real, calls = adapt.train.diffusion_loss, {"n": 0}
+
+    def nan_at_step_5(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(adapt.train, "diffusion_loss", nan_at_step_5)
+    c = load_components(tiny_model)
+    with pytest.raises(AdaptError, match=r"loss became nan at step 5; .*step-000004.*fp16.*--lr.*--skip-nonfinite"):
+        train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=8, lr=1e-2, checkpoint_every=2), tmp_path / "a",
+              resolution=16, progress=False)
+    assert all(torch.isfinite(p).all() for p in c.unet.parameters())  # the NaN never reached the weights
+
+    calls["n"] = 0
+    c = load_components(tiny_model)
+    result = train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=8, lr=1e-2, skip_nonfinite=True),
+                   tmp_path / "b", resolution=16, progress=False)
+    assert result["steps"] == 8 and calls["n"] == 9 and all(np.isfinite(result["losses"]))
+    assert all(torch.isfinite(p).all() for p in c.unet.parameters())
+
+
+def _image_modes(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    paths = {}
+    rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (8, 8, 24, 24))
+    for mode, img in {
+        "RGBA": rgba, "LA": rgba.convert("LA"), "P": rgba.convert("P"), "L": rgba.convert("L"),
+        "CMYK": Image.new("CMYK", (32, 32), (0, 255, 255, 0)),  # red
+        "I16": Image.fromarray(np.full((32, 32), 65535, dtype=np.uint16)),
+    }.items():
+        ext = "jpg" if mode == "CMYK" else "png"
+        img.save(folder / f"{mode}.{ext}")
+        paths[mode] = folder / f"{mode}.{ext}"
+    return paths
+
+
+def test_image_modes_are_converted_not_rejected(tmp_path):
+    paths = _image_modes(tmp_path / "modes")
+    for mode, path in paths.items():
+        img = load_rgb(path)
+        assert img.mode == "RGB" and img.size == (32, 32), mode
+    corner = {m: load_rgb(p).getpixel((0, 0)) for m, p in paths.items()}
+    assert corner["RGBA"] == corner["LA"] == (255, 255, 255)  # transparency composited on white
+    assert load_rgb(paths["RGBA"]).getpixel((16, 16)) == (0, 0, 255)
+    assert corner["I16"] == (255, 255, 255)  # 16-bit white stays white (scaled, not clipped)
+    r, g, b = corner["CMYK"]
+    assert r > 200 and g < 60 and b < 60
+    # EXIF orientation: a 20x10 image tagged "rotate 90" is read as 10x20
+    img = Image.new("RGB", (20, 10), (0, 128, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rot.jpg").size == (10, 20)
+
+
+def test_corrupt_and_small_images(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "small.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    examples = instance_examples(folder, "<sks>", "a photo of {token}")
+    with pytest.raises(AdaptError, match=r"cannot read image .*broken.png.*--skip-bad-images"):
+        check_images(examples, 16)
+    kept = check_images(examples, 16, skip_bad=True)
+    assert [e.image.name for e in kept] == ["small.png"]
+    assert "skipping unreadable image" in caplog.text and "smaller than the training resolution 16: upscaled" in caplog.text
+    (folder / "small.png").unlink()
+    with pytest.raises(AdaptError, match="none of the images could be read"):
+        check_images(instance_examples(folder, "<sks>", "x"), 16, skip_bad=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, log = run("lora", "--images", empty, "--token", "<sks>")
+    assert code == 2 and "no images" in log
+
+
+def test_pickle_files_only_with_allow_pickle(tiny_model, tmp_path, caplog):
+    from adapt.infer import load_pipeline
+
+    emb = tmp_path / "style.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 32)}, "name": "<my-style>"}, emb)
+    with pytest.raises(AdaptError, match="pickle file.*--allow-pickle"):
+        load_pipeline(str(tiny_model), "euler", embeddings=[(str(emb), None)])
+    pipe = load_pipeline(str(tiny_model), "euler", embeddings=[(str(emb), None)], allow_pickle=True)
+    assert "--allow-pickle: reading pickle file" in caplog.text
+    assert "<my-style>_1" in pipe.tokenizer.get_vocab()
+
+    lora = tmp_path / "lora.bin"
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight"
+    torch.save({key: torch.randn(2, 32), key.replace(".lora.down.", ".lora.up."): torch.randn(32, 2)}, lora)
+    code, log = run("generate", "x", "--model", tiny_model, "--lora", lora, "--steps", "1", "--output", tmp_path / "g")
+    assert code == 2 and "--allow-pickle" in log
+    code, log = run("generate", "x", "--model", tiny_model, "--lora", lora, "--steps", "1", "--allow-pickle",
+                    "--output", tmp_path / "g")
+    assert code == 0, log
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": torch.zeros(1), "obj": Path("/etc")}, evil)  # an arbitrary object: refused even with the flag
+    with pytest.raises(AdaptError, match="tensors-only pickle"):
+        load_pipeline(str(tiny_model), "euler", embeddings=[(str(evil), None)], allow_pickle=True)
+
+
+def test_unknown_names_list_the_valid_ones(concept_dir):
+    from adapt.cli import app as cli_app
+
+    result = CliRunner().invoke(cli_app, ["finetune"])
+    assert result.exit_code == 2 and "choose one of: lora, dreambooth, textual-inversion" in result.output
+    for argv, valid in [(["--format", "ckpt"], "diffusers, kohya"), (["--lr-scheduler", "step"], "constant"),
+                        (["--mixed-precision", "fp8"], "no, fp16, bf16")]:
+        code, log = run("lora", "--images", concept_dir, "--token", "<sks>", *argv)
+        assert code == 2 and valid in log, log
+
+
+def test_no_unsafe_loading_or_evaluation_in_the_package():
+    for path in (ROOT / "adapt").rglob("*.py"):
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert not re.search(r"(?<![.\w])(eval|exec)\(", text), path  # builtins, not module.eval()
+        assert "pickle.load" not in text, path
