@@ -80,7 +80,8 @@ def user_errors(fn):
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False):
     _DEBUG["on"] = _DEBUG["on"] or debug
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    rank = int(os.environ.get("RANK", "0") or 0)  # under `accelerate launch`, only process 0 talks
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stderr)
     _quiet_libraries()
 
 
@@ -114,6 +115,18 @@ KeepCheckpoints = Annotated[Optional[int], typer.Option(help=H("train", "keep_ch
 Resume = Annotated[Optional[str], typer.Option(help=H("train", "resume"))]
 SkipBad = Annotated[Optional[bool], typer.Option("--skip-bad-images/--no-skip-bad-images", help=H("data", "skip_bad_images"), show_default=False)]
 SkipNonfinite = Annotated[Optional[bool], typer.Option("--skip-nonfinite/--no-skip-nonfinite", help=H("train", "skip_nonfinite"), show_default=False)]
+Buckets = Annotated[Optional[bool], typer.Option("--buckets/--no-buckets", help=H("data", "buckets"), show_default=False)]
+BucketStep = Annotated[Optional[int], typer.Option(help=H("data", "bucket_step"))]
+Dataset = Annotated[Optional[str], typer.Option(help=H("data", "dataset"))]
+ImageColumn = Annotated[Optional[str], typer.Option(help=H("data", "image_column"))]
+CaptionColumn = Annotated[Optional[str], typer.Option(help=H("data", "caption_column"))]
+SnrGamma = Annotated[Optional[float], typer.Option(help=H("train", "snr_gamma"))]
+NoiseOffset = Annotated[Optional[float], typer.Option(help=H("train", "noise_offset"))]
+LogWith = Annotated[Optional[str], typer.Option(help=H("train", "log_with"))]
+ValidationPrompt = Annotated[Optional[List[str]], typer.Option(help=H("train", "validation_prompt"))]
+ValidationEvery = Annotated[Optional[int], typer.Option(help=H("train", "validation_every"))]
+ValidationSteps = Annotated[Optional[int], typer.Option(help=H("train", "validation_steps"))]
+NumProcesses = Annotated[Optional[int], typer.Option(help=H("train", "num_processes"))]
 LoraFormat = Annotated[Optional[str], typer.Option("--format", help=H("lora", "format"))]
 
 
@@ -176,6 +189,29 @@ def _class_examples(model, data, db, resolution: int):
     return [Example(p, class_prompt, weight=db.prior_loss_weight, group=1) for p in files]
 
 
+def _relaunch(num_processes: int) -> None:
+    """Run this same command as N data-parallel processes under `accelerate launch` (CPU: gloo)."""
+    import subprocess
+
+    import torch
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--num-processes":
+            skip = True
+            continue
+        if not a.startswith("--num-processes="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", "no", *([] if torch.cuda.is_available() else ["--cpu"]),
+           "-m", "adapt", *argv]
+    log.info("relaunching with %d processes: %s", num_processes, " ".join(cmd))
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def _train(method_name: str, options: dict) -> None:
     """Shared body of the training commands: configs -> data -> components -> the one loop."""
     from . import __version__
@@ -196,8 +232,8 @@ def _train(method_name: str, options: dict) -> None:
             from .methods.textual_inversion import TEMPLATES
 
             template = TEMPLATES[ti.property]
-    if data.images is None:
-        raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files)")
+    if data.images is None and data.dataset is None:
+        raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files) or --dataset NAME_OR_PATH")
     if data.token is None:
         raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
     if db is not None:
@@ -208,17 +244,26 @@ def _train(method_name: str, options: dict) -> None:
     if train_cfg.resume and options.get("output") is None:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
+    if train_cfg.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(train_cfg.num_processes)
 
-    from .data import check_images, instance_examples
+    from accelerate import PartialState
+
+    from .data import check_images, dataset_examples, instance_examples
     from .models import native_resolution, resolve_model
 
-    examples = instance_examples(data.images, data.token, template, data.class_word)
-    log.info("%d images from %s; e.g. prompt: %r", len(examples), data.images, examples[0].prompt)
-    model = options.get("model")
-    resolution = data.resolution or native_resolution(resolve_model(model))
-    examples = check_images(examples, resolution, data.skip_bad_images)
-    if db is not None and db.prior_preservation:
-        examples += _class_examples(model, data, db, resolution)
+    with PartialState().main_process_first():  # one process writes dataset images and class images; the others reuse them
+        if data.dataset:
+            examples = dataset_examples(data.dataset, data.image_column, data.caption_column, data.token, data.class_word,
+                                        out / "dataset")
+        else:
+            examples = instance_examples(data.images, data.token, template, data.class_word)
+        log.info("%d images from %s; e.g. prompt: %r", len(examples), data.dataset or data.images, examples[0].prompt)
+        model = options.get("model")
+        resolution = data.resolution or native_resolution(resolve_model(model))
+        examples = check_images(examples, resolution, data.skip_bad_images)
+        if db is not None and db.prior_preservation:
+            examples += _class_examples(model, data, db, resolution)
 
     from .models import load_components
     from .train import train
@@ -229,8 +274,8 @@ def _train(method_name: str, options: dict) -> None:
                   **to_dict(*cfgs.values())}
     run_recipe["data"]["resolution"] = resolution
     log.info("training %s for %d steps at %d px -> %s", method_name, train_cfg.steps, resolution, out)
-    result = train(components, method, examples, train_cfg, out, resolution=resolution,
-                   random_flip=data.random_flip, recipe=run_recipe)
+    result = train(components, method, examples, train_cfg, out, resolution=resolution, random_flip=data.random_flip,
+                   bucket_step=data.bucket_step if data.buckets else None, recipe=run_recipe)
     losses = result["losses"]
     log.info("done in %.0f s: loss %.4f -> %.4f (mean of last 10%%); wrote %s", result["seconds"], losses[0],
              sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10), out)
@@ -246,6 +291,8 @@ Example:
 def lora(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
          recipe: Recipe = None, overwrite: Overwrite = False,
          prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
+         buckets: Buckets = None, bucket_step: BucketStep = None, dataset: Dataset = None, image_column: ImageColumn = None,
+         caption_column: CaptionColumn = None,
          rank: Annotated[Optional[int], typer.Option(help=H("lora", "rank"))] = None,
          alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha"))] = None,
          targets: Annotated[Optional[str], typer.Option(help=H("lora", "targets"))] = None,
@@ -256,7 +303,10 @@ def lora(images: Images = None, token: Token = None, model: Model = None, output
          max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
          cache_latents: CacheLatents = None, cache_text: CacheText = None, caption_dropout: CaptionDropout = None,
          seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
-         resume: Resume = None, skip_nonfinite: SkipNonfinite = None):
+         resume: Resume = None, skip_nonfinite: SkipNonfinite = None,
+         snr_gamma: SnrGamma = None, noise_offset: NoiseOffset = None, log_with: LogWith = None,
+         validation_prompt: ValidationPrompt = None, validation_every: ValidationEvery = None,
+         validation_steps: ValidationSteps = None, num_processes: NumProcesses = None):
     _train("lora", dict(locals()))
 
 
@@ -280,6 +330,8 @@ Example:
 def dreambooth(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
                recipe: Recipe = None, overwrite: Overwrite = False,
                prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
+         buckets: Buckets = None, bucket_step: BucketStep = None, dataset: Dataset = None, image_column: ImageColumn = None,
+         caption_column: CaptionColumn = None,
                prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help=H("dreambooth", "prior_preservation"), show_default=False)] = None,
                class_prompt: Annotated[Optional[str], typer.Option(help=H("dreambooth", "class_prompt"))] = None,
                num_class_images: Annotated[Optional[int], typer.Option(help=H("dreambooth", "num_class_images"))] = None,
@@ -299,7 +351,10 @@ def dreambooth(images: Images = None, token: Token = None, model: Model = None, 
                max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
                cache_latents: CacheLatents = None, cache_text: CacheText = None, caption_dropout: CaptionDropout = None,
                seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
-               resume: Resume = None, skip_nonfinite: SkipNonfinite = None):
+               resume: Resume = None, skip_nonfinite: SkipNonfinite = None,
+         snr_gamma: SnrGamma = None, noise_offset: NoiseOffset = None, log_with: LogWith = None,
+         validation_prompt: ValidationPrompt = None, validation_every: ValidationEvery = None,
+         validation_steps: ValidationSteps = None, num_processes: NumProcesses = None):
     _train("dreambooth", dict(locals()))
 
 
@@ -326,13 +381,18 @@ def textual_inversion(images: Images = None, token: Token = None, model: Model =
                       scale_lr: Annotated[Optional[bool], typer.Option("--scale-lr/--no-scale-lr", help=H("textual_inversion", "scale_lr"), show_default=False)] = None,
                       prompt: Annotated[Optional[str], typer.Option(help="One prompt template instead of the --property templates; {token} is filled in.")] = None,
                       resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
+         buckets: Buckets = None, bucket_step: BucketStep = None, dataset: Dataset = None, image_column: ImageColumn = None,
+         caption_column: CaptionColumn = None,
                       steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
                       lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: 0.005]")] = None,
                       lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
                       max_grad_norm: MaxGradNorm = None, mixed_precision: Precision = None, gradient_checkpointing: GradCkpt = None,
                       cache_latents: CacheLatents = None, caption_dropout: CaptionDropout = None,
                       seed: Seed = None, checkpoint_every: CheckpointEvery = None, keep_checkpoints: KeepCheckpoints = None,
-                      resume: Resume = None, skip_nonfinite: SkipNonfinite = None):
+                      resume: Resume = None, skip_nonfinite: SkipNonfinite = None,
+         snr_gamma: SnrGamma = None, noise_offset: NoiseOffset = None, log_with: LogWith = None,
+         validation_prompt: ValidationPrompt = None, validation_every: ValidationEvery = None,
+         validation_steps: ValidationSteps = None, num_processes: NumProcesses = None):
     _train("textual-inversion", dict(locals()))
 
 

@@ -34,6 +34,11 @@ class DataConfig:
     resolution: int | None = _f(None, "Training size in pixels (resize shorter side, center crop). Default: the model's native size.")
     random_flip: bool = _f(False, "Also train on horizontally flipped images (doubles the latent cache).")
     skip_bad_images: bool = _f(False, "Skip unreadable images with a warning instead of stopping.")
+    buckets: bool = _f(False, "Aspect-ratio bucketing: train each image near its own shape (about resolution^2 pixels) instead of a center-cropped square.")
+    bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels; no image loses more than this per side.")
+    dataset: str | None = _f(None, "A Hugging Face dataset instead of --images: an imagefolder with metadata.jsonl, a saved dataset, or a hub name in the local cache.")
+    image_column: str = _f("image", "The --dataset column holding the images.")
+    caption_column: str = _f("text", "The --dataset column holding the captions ({token} is filled in; other captions get ' {token}' only if --prompt says so).")
 
     def __post_init__(self):
         if self.token is not None:
@@ -43,6 +48,10 @@ class DataConfig:
                 raise AdaptError(f"the token {self.token!r} contains whitespace; use one word such as '<sks>'")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise AdaptError(f"resolution {self.resolution} must be a positive multiple of 8, e.g. 512")
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            raise AdaptError(f"--bucket-step {self.bucket_step} must be a positive multiple of 8, e.g. 64")
+        if self.images and self.dataset:
+            raise AdaptError("pass either --images DIR or --dataset NAME_OR_PATH, not both")
 
 
 LORA_TARGET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
@@ -134,6 +143,13 @@ class TrainConfig:
     seed: int = _f(0, "Seed for noise, timesteps, data order and new weights.")
     checkpoint_every: int = _f(0, "Save the full training state every N steps under OUTPUT/checkpoints (0 = never).")
     keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep.")
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting with this gamma (5 is usual): faster, steadier convergence.")
+    noise_offset: float = _f(0.0, "Add this much per-channel offset noise (0.05-0.1) so the model learns very dark/bright images.")
+    log_with: str | None = _f(None, "Also log to a tracker: tensorboard (logs under OUTPUT/logs).")
+    validation_prompt: list[str] = _f((), "Prompt rendered during training with a fixed seed (repeatable).")
+    validation_every: int = _f(0, "Render the validation prompts every N steps (0 = only at the end).")
+    validation_steps: int = _f(25, "Denoising steps (dpm++2m-karras) for validation images.")
+    num_processes: int = _f(1, "Data-parallel processes (relaunches itself with `accelerate launch`).")
     skip_nonfinite: bool = _f(False, "Skip a batch whose loss is NaN/inf (logged) instead of stopping the run.")
     resume: str | None = _f(None, "Continue a run: 'latest' (newest checkpoint in --output) or a checkpoint folder.")
 
@@ -148,6 +164,17 @@ class TrainConfig:
             raise AdaptError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if self.lr <= 0:
             raise AdaptError(f"--lr must be > 0, got {self.lr}")
+        if isinstance(self.validation_prompt, str):
+            self.validation_prompt = [self.validation_prompt]
+        self.validation_prompt = list(self.validation_prompt)
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise AdaptError(f"--snr-gamma must be > 0, got {self.snr_gamma}")
+        if self.noise_offset < 0:
+            raise AdaptError(f"--noise-offset must be >= 0, got {self.noise_offset}")
+        if self.log_with not in (None, "tensorboard"):
+            raise AdaptError(f"unknown tracker {self.log_with!r}; choose one of: tensorboard")
+        if self.num_processes < 1 or self.validation_every < 0:
+            raise AdaptError("--num-processes must be >= 1 and --validation-every >= 0")
 
 
 def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:

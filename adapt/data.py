@@ -98,24 +98,43 @@ def instance_examples(folder: str | Path, token: str | None, template: str | lis
     return out
 
 
-def load_pixels(example: Example, resolution: int, flip: bool = False):
-    """Image -> float tensor [3, H, W] in [-1, 1]: shorter side resized to `resolution`
-    (bicubic; upscaled if smaller), center crop, optional horizontal flip."""
+def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
+    """Aspect-ratio bucket of an image: scaled to about resolution^2 pixels, each side rounded down
+    to a multiple of `step` (at least one step). Covering the bucket then crops less than `step`
+    pixels from each side's scaled length, so nothing important is cut away."""
+    scale = (resolution * resolution / (width * height)) ** 0.5
+    return max(step, int(width * scale) // step * step), max(step, int(height * scale) // step * step)
+
+
+def target_size(example: Example, resolution: int, bucket_step: int | None) -> tuple[int, int]:
+    """(width, height) the image is trained at: a square, or its bucket."""
+    if not bucket_step:
+        return resolution, resolution
+    with Image.open(example.image) as img:
+        w, h = img.size
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotation swaps the sides
+            w, h = h, w
+    return bucket_size(w, h, resolution, bucket_step)
+
+
+def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = False):
+    """Image -> float tensor [3, H, W] in [-1, 1]: scaled (bicubic; upscaled if smaller) to cover
+    size = (W, H) (or a square side), center crop, optional horizontal flip."""
     import numpy as np
     import torch
-    from PIL import Image
 
+    width, height = (size, size) if isinstance(size, int) else size
     try:
         img = load_rgb(example.image)
     except (OSError, ValueError, SyntaxError) as e:
         raise AdaptError(f"cannot read image {example.image}: {e}; fix or remove it") from None
     w, h = img.size
-    scale = resolution / min(w, h)
+    scale = max(width / w, height / h)
     if scale != 1:
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        img = img.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
     w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top = (w - width) // 2, (h - height) // 2
+    img = img.crop((left, top, left + width, top + height))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -123,30 +142,51 @@ def load_pixels(example: Example, resolution: int, flip: bool = False):
 
 
 class BatchOrder:
-    """Endless batches of indices: `batch_size` examples from EACH group (instance images; class
-    images for prior preservation), so every batch holds both. Each group walks through seeded
-    permutations of its examples; batches run across epoch boundaries so every batch is full
-    even when a group has fewer examples than the batch size. The state (generator + pending
-    indices per group) is saved in checkpoints so a resumed run sees the same batches."""
+    """Endless batches of example indices: `batch_size` examples from EACH group (instance images;
+    class images for prior preservation), so every batch holds both.
 
-    def __init__(self, groups: list[int], batch_size: int, seed: int):
+    Each group walks through seeded permutations of its examples; batches run across epoch
+    boundaries so every batch is full even when a group has fewer examples than the batch size.
+    With `keys` (an aspect-ratio bucket per example), a group's batch is taken from the bucket of
+    its next pending example, so a batch holds one image size. The batch is the GLOBAL batch of
+    all processes (batch_size x num_processes per group); `local` picks this process's share.
+    The state (generator + pending indices per group) is saved in checkpoints, so a resumed run
+    sees the same batches."""
+
+    def __init__(self, groups: list[int], batch_size: int, seed: int, keys: list | None = None, num_processes: int = 1):
         import torch
 
         self.members = [[i for i, g in enumerate(groups) if g == key] for key in sorted(set(groups))]
-        self.batch_size = batch_size
+        self.keys = keys or [None] * len(groups)
+        self.batch_size, self.num_processes = batch_size, num_processes
         self.generator = torch.Generator().manual_seed(seed)
         self.pending: list[list[int]] = [[] for _ in self.members]
 
-    def next(self) -> list[int]:
+    def _refill(self, k: int) -> None:
         import torch
 
+        members = self.members[k]
+        self.pending[k] += [members[j] for j in torch.randperm(len(members), generator=self.generator).tolist()]
+
+    def next(self) -> list[int]:
+        size = self.batch_size * self.num_processes
         batch = []
-        for k, members in enumerate(self.members):
-            while len(self.pending[k]) < self.batch_size:
-                self.pending[k] += [members[j] for j in torch.randperm(len(members), generator=self.generator).tolist()]
-            batch += self.pending[k][:self.batch_size]
-            self.pending[k] = self.pending[k][self.batch_size:]
+        for k in range(len(self.members)):
+            if not self.pending[k]:
+                self._refill(k)
+            key = self.keys[self.pending[k][0]]
+            while sum(self.keys[i] == key for i in self.pending[k]) < size:
+                self._refill(k)
+            take = [pos for pos, i in enumerate(self.pending[k]) if self.keys[i] == key][:size]
+            batch += [self.pending[k][pos] for pos in take]
+            chosen = set(take)
+            self.pending[k] = [i for pos, i in enumerate(self.pending[k]) if pos not in chosen]
         return batch
+
+    def local(self, batch: list, rank: int) -> list:
+        """This process's share of a global batch: its slice of every group."""
+        size = self.batch_size * self.num_processes
+        return [batch[k * size + rank * self.batch_size + j] for k in range(len(self.members)) for j in range(self.batch_size)]
 
 
 def tokenize(tokenizer, prompt: str):
@@ -167,3 +207,57 @@ def loss_weights(batch: list[Example]):
     for ex in batch:
         counts[ex.group] = counts.get(ex.group, 0) + 1
     return torch.tensor([ex.weight / counts[ex.group] for ex in batch], dtype=torch.float32)
+
+
+def dataset_examples(name_or_path: str, image_column: str, caption_column: str, token: str | None,
+                     class_word: str | None, folder: str | Path) -> list[Example]:
+    """Examples from a Hugging Face dataset: an imagefolder (images + metadata.jsonl), a dataset
+    saved with save_to_disk, or a hub dataset already in the local cache (nothing is downloaded).
+    The images are written once as PNGs under `folder`, so the rest of the pipeline (caching,
+    resume) works on files; captions get {token} / {class_word} filled in."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    path = Path(name_or_path).expanduser()
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path))
+        elif path.exists():
+            raise AdaptError(f"--dataset {path} is a file; pass a dataset folder or a hub name")
+        else:
+            ds = datasets.load_dataset(name_or_path)
+    except AdaptError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError...)
+        raise AdaptError(f"cannot load dataset {name_or_path!r} ({str(e).splitlines()[0][:160]}); pass an imagefolder, "
+                         "a save_to_disk folder, or a hub dataset already in the local cache") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise AdaptError(f"dataset {name_or_path!r} has no 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    for flag, column in (("--image-column", image_column), ("--caption-column", caption_column)):
+        if column not in ds.column_names:
+            raise AdaptError(f"dataset {name_or_path!r} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
+                             f"pass {flag} NAME")
+    if len(ds) == 0:
+        raise AdaptError(f"dataset {name_or_path!r} is empty")
+    from .images import save_image, to_rgb
+
+    folder = Path(folder)
+    out = []
+    for i, row in enumerate(ds):
+        image = row[image_column]
+        if not isinstance(image, Image.Image):
+            raise AdaptError(f"dataset column {image_column!r} does not hold images (row {i} is {type(image).__name__})")
+        caption = row[caption_column]
+        if not isinstance(caption, str):
+            raise AdaptError(f"dataset column {caption_column!r} does not hold text (row {i} is {type(caption).__name__})")
+        file = folder / f"{i:05d}.png"
+        if not file.is_file():
+            save_image(to_rgb(image), file)
+        out.append(Example(file, fill_prompt(caption, token, class_word)))
+    return out

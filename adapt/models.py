@@ -86,6 +86,12 @@ def native_resolution(path: Path) -> int:
         raise AdaptError(f"cannot read the UNet/VAE config in {path} ({e}); pass a complete diffusers model folder") from None
 
 
+def encode_prompts(components, input_ids) -> dict:
+    """THE place where prompts become the UNet's conditioning: {"encoder_hidden_states": ...}
+    plus any extra inputs the UNet needs (passed as added_cond_kwargs)."""
+    return {"encoder_hidden_states": components.text_encoder(input_ids)[0]}
+
+
 def quiet_libraries() -> None:
     """Hide the libraries' own loading bars and info logs; adapt shows its own progress."""
     import diffusers

@@ -24,14 +24,18 @@ from typing import Iterable
 
 from .config import TrainConfig
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .data import BatchOrder, Example, load_pixels, loss_weights
+from .data import BatchOrder, Example, load_pixels, loss_weights, target_size
 from .errors import AdaptError
 
 log = logging.getLogger("adapt")
 
 
-def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, loss_weight, noise, timesteps):
-    """Weighted per-sample MSE between the UNet's prediction and the epsilon / velocity target."""
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, loss_weight, noise, timesteps, *,
+                   added_cond_kwargs=None, snr_gamma=None):
+    """Weighted per-sample MSE between the UNet's prediction and the epsilon / velocity target;
+    with snr_gamma, each sample's MSE is also weighted by min-SNR (min(SNR, gamma) / SNR for
+    epsilon, / (SNR + 1) for v-prediction; diffusers' compute_snr)."""
+    import torch
     import torch.nn.functional as F
 
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -42,8 +46,15 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, loss_w
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise AdaptError(f"the model's scheduler uses prediction_type={kind!r}; adapt trains 'epsilon' and 'v_prediction' models")
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                      return_dict=False)[0]
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps).float()
+        clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+        per_sample = per_sample * (clipped / (snr + 1) if kind == "v_prediction" else clipped / snr)
     return (per_sample * loss_weight.to(per_sample.device)).sum()
 
 
@@ -85,8 +96,14 @@ def _release(components, name: str) -> None:
 
 
 def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir: str | Path, *,
-          resolution: int, random_flip: bool = False, recipe: dict | None = None, progress: bool = True) -> dict:
-    """Train `method` on `examples`; write metrics.jsonl, loss.png and the method's artifact to out_dir."""
+          resolution: int, random_flip: bool = False, bucket_step: int | None = None, recipe: dict | None = None,
+          progress: bool = True) -> dict:
+    """Train `method` on `examples`; write metrics.jsonl, loss.png, report.md and the method's
+    artifact to out_dir. Runs as one process or as one of several (accelerate launch): every
+    process draws the randomness of the whole global batch and trains on its share, so N
+    processes x batch B equal one process x batch N*B."""
+    import contextlib
+
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -95,15 +112,23 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from .models import encode_prompts
+
     if not examples:
         raise AdaptError("no training examples; pass --images DIR with at least one image")
     out_dir = Path(out_dir)
     # accelerate keeps one process-wide state; reset its precision part so several runs (tests,
     # notebooks) can use different --mixed-precision in one process. The distributed part stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    if cfg.log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise AdaptError("--log-with tensorboard needs the tensorboard package: pip install tensorboard") from None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=cfg.log_with, project_dir=str(out_dir / "logs") if cfg.log_with else None)
     set_seed(cfg.seed)
-    device = accelerator.device
+    device, n_proc, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     c = components
 
@@ -120,34 +145,42 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
             m = getattr(c, name)
             (m.enable_gradient_checkpointing if hasattr(m, "enable_gradient_checkpointing") else m.gradient_checkpointing_enable)()
 
-    # --- caches: VAE encoder output per (image, flip); text encoder output per distinct prompt ---
+    # --- sizes (square or aspect-ratio buckets) and caches: VAE output per (image, flip), text
+    # encoder output per distinct prompt. Validation rendering needs both modules, so it keeps them.
+    sizes = {ex.image: target_size(ex, resolution, bucket_step) for ex in examples}
     scaling_factor = c.vae.config.scaling_factor
+    vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    latent_channels = c.vae.config.latent_channels
     flips = (False, True) if random_flip else (False,)
+    keep_frozen = bool(cfg.validation_prompt)
 
     @torch.no_grad()
     def encode(batch: list[Example], flipped: list[bool]):
-        pixels = torch.stack([load_pixels(ex, resolution, f) for ex, f in zip(batch, flipped)]).to(device)
+        pixels = torch.stack([load_pixels(ex, sizes[ex.image], f) for ex, f in zip(batch, flipped)]).to(device)
         return c.vae.encode(pixels).latent_dist.parameters  # mean and logvar; sampled every step
 
     latent_cache: dict[tuple[Path, bool], torch.Tensor] = {}
     if cfg.cache_latents:
-        for ex in tqdm(examples, desc="caching latents", disable=not progress, leave=False):
+        for image in tqdm(list(dict.fromkeys(ex.image for ex in examples)), desc="caching latents",
+                          disable=not (progress and accelerator.is_main_process), leave=False):
             for f in flips:
-                latent_cache[(ex.image, f)] = encode([ex], [f])[0]
-        _release(c, "vae")
+                latent_cache[(image, f)] = encode([Example(image, "")], [f])[0]
+        if not keep_frozen:
+            _release(c, "vae")
 
     prompts = sorted({ex.prompt for ex in examples} | ({""} if cfg.caption_dropout else set()))
     input_ids = {p: method.tokenize(c.tokenizer, p) for p in prompts}
-    text_cache: dict[str, torch.Tensor] = {}
+    text_cache: dict[str, dict] = {}
     if cfg.cache_text and "text_encoder" not in method.trainable_modules:
         with torch.no_grad(), accelerator.autocast():
             for p in prompts:
-                text_cache[p] = c.text_encoder(input_ids[p].to(device))[0][0]
-        _release(c, "text_encoder")
+                text_cache[p] = {k: v[0] for k, v in encode_prompts(c, input_ids[p].to(device)).items()}
+        if not keep_frozen:
+            _release(c, "text_encoder")
 
     optimizer = _optimizer(cfg, params)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
+                                 num_training_steps=cfg.steps * n_proc)
     modules = [getattr(c, n) for n in method.trainable_modules]
     *modules, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
     for n, m in zip(method.trainable_modules, modules):
@@ -156,7 +189,8 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     named_params = {f"{n}.{k}": p for n in method.trainable_modules
                     for k, p in accelerator.unwrap_model(getattr(c, n)).named_parameters() if id(p) in trainable}
 
-    order = BatchOrder([ex.group for ex in examples], cfg.batch_size, cfg.seed)
+    order = BatchOrder([ex.group for ex in examples], cfg.batch_size, cfg.seed,
+                       keys=[sizes[ex.image] for ex in examples] if bucket_step else None, num_processes=n_proc)
     generators = {
         "order": order.generator,
         "data": torch.Generator().manual_seed(cfg.seed + 1),  # flips, caption dropout
@@ -179,35 +213,70 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in _metric_rows(metrics_path, step)))
+    if cfg.log_with:
+        accelerator.init_trackers("adapt", config=_scalars(recipe or {}))
+
+    def validate(tag: str) -> None:
+        if cfg.validation_prompt and accelerator.is_main_process:
+            render_validation(c, method, [accelerator.unwrap_model(m) for m in modules], cfg, out_dir / "validation" / f"{tag}.png",
+                              accelerator)
+
+    T = c.noise_scheduler.config.num_train_timesteps
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
     running, skipped = 0.0, 0
     while step < cfg.steps:
-        batch = [examples[i] for i in order.next()]
+        batch = [examples[i] for i in order.next()]  # the global batch, in the same order on every process
         flipped = [bool(random_flip and torch.rand((), generator=data_rng) < 0.5) for _ in batch]
         dropped = [bool(cfg.caption_dropout and torch.rand((), generator=data_rng) < cfg.caption_dropout) for _ in batch]
         batch_prompts = ["" if d else ex.prompt for ex, d in zip(batch, dropped)]
+        weights = loss_weights(batch) * n_proc  # DDP averages gradients over processes; x N makes it the global sum
+        draws = []  # per sample, in global order: latent sample, noise, timestep
+        for ex in batch:
+            w, h = sizes[ex.image]
+            shape = (latent_channels, h // vae_factor, w // vae_factor)
+            eps = torch.randn(shape, generator=step_rng, device=device)
+            noise = torch.randn(shape, generator=step_rng, device=device)
+            if cfg.noise_offset:
+                noise = noise + cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=step_rng, device=device)
+            draws.append((eps, noise, torch.randint(0, T, (1,), generator=step_rng, device=device)))
+        chunks: dict[tuple, list[int]] = {}  # this process's share, one forward per image size
+        for j in order.local(list(range(len(batch))), rank):
+            chunks.setdefault(tuple(draws[j][0].shape), []).append(j)
+        value, bad = 0.0, False
         with accelerator.accumulate(*modules):
-            if cfg.cache_latents:
-                dist_params = torch.stack([latent_cache[(ex.image, f)] for ex, f in zip(batch, flipped)])
-            else:
-                dist_params = encode(batch, flipped)
-            latents = DiagonalGaussianDistribution(dist_params).sample(generator=step_rng) * scaling_factor
-            with accelerator.autocast():
-                if text_cache:
-                    hidden = torch.stack([text_cache[p] for p in batch_prompts])
-                else:
-                    hidden = c.text_encoder(torch.cat([input_ids[p] for p in batch_prompts]).to(device))[0]
-                noise = torch.randn(latents.shape, generator=step_rng, device=device, dtype=latents.dtype)
-                timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (len(batch),),
-                                          generator=step_rng, device=device)
-                loss = diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, loss_weights(batch), noise, timesteps)
-            value = loss.detach().float().item()
-            if not math.isfinite(value):  # checked before backward: a bad batch never reaches the weights
+            for k, js in enumerate(chunks.values()):
+                sync = contextlib.nullcontext() if k == len(chunks) - 1 else contextlib.ExitStack()
+                if k < len(chunks) - 1:
+                    for m in modules:
+                        sync.enter_context(accelerator.no_sync(m))
+                with sync:
+                    if cfg.cache_latents:
+                        params_ = torch.stack([latent_cache[(batch[j].image, flipped[j])] for j in js])
+                    else:
+                        params_ = encode([batch[j] for j in js], [flipped[j] for j in js])
+                    dist = DiagonalGaussianDistribution(params_)
+                    latents = (dist.mean + dist.std * torch.stack([draws[j][0] for j in js]).to(dist.mean.dtype)) * scaling_factor
+                    with accelerator.autocast():
+                        if text_cache:
+                            cond = {key: torch.stack([text_cache[batch_prompts[j]][key] for j in js]) for key in text_cache[batch_prompts[js[0]]]}
+                        else:
+                            cond = encode_prompts(c, torch.cat([input_ids[batch_prompts[j]] for j in js]).to(device))
+                        hidden = cond.pop("encoder_hidden_states")
+                        loss = diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, weights[js],
+                                              torch.stack([draws[j][1] for j in js]), torch.cat([draws[j][2] for j in js]),
+                                              added_cond_kwargs=cond or None, snr_gamma=cfg.snr_gamma)
+                    part = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+                    if not math.isfinite(part):  # checked before backward: a bad batch never reaches the weights
+                        bad = part
+                        break
+                    value += part
+                    accelerator.backward(loss)
+            if bad is not False:
                 if not cfg.skip_nonfinite:
                     kept = list_checkpoints(ckpt_root)
                     raise AdaptError(
-                        f"the loss became {value} at step {step + 1}; stopped before it reached the weights"
+                        f"the loss became {bad} at step {step + 1}; stopped before it reached the weights"
                         f" ({'last good checkpoint: ' + str(kept[-1]) if kept else 'no checkpoint was written'})."
                         " Likely causes: fp16 overflow (use --mixed-precision bf16 or no), a too high --lr;"
                         " --skip-nonfinite skips such batches instead")
@@ -215,7 +284,6 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
                 log.warning("non-finite loss at step %d: batch skipped (%d so far)", step + 1, skipped)
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -228,12 +296,17 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         step += 1
         losses.append(running)
         lr = lr_scheduler.get_last_lr()[0]
+        if cfg.log_with:
+            accelerator.log({"loss": running, "lr": lr}, step=step)
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": running, "lr": lr}) + "\n")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_checkpoint(ckpt_root, step, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
                                 {"losses": losses, "pending": order.pending, "recipe": recipe}, cfg.keep_checkpoints)
+        if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.steps:
+            validate(f"step-{step:06d}")
+        accelerator.wait_for_everyone()
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         running = 0.0
@@ -241,13 +314,72 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     seconds = time.perf_counter() - start
 
     accelerator.wait_for_everyone()
+    validate("final")
     for n, m in zip(method.trainable_modules, modules):
         setattr(c, n, accelerator.unwrap_model(m))
     if accelerator.is_main_process:
         method.save(c, out_dir, recipe or {})
         plot_losses(losses, out_dir / "loss.png")
+        write_report(out_dir, recipe or {}, losses, seconds, skipped)
     accelerator.end_training()
-    return {"losses": losses, "steps": step, "seconds": seconds}
+    return {"losses": losses, "steps": step, "seconds": seconds, "skipped": skipped}
+
+
+def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, accelerator) -> None:
+    """Render the validation prompts with the model as it is now, through the inference module
+    (fixed seeds, dpm++2m-karras), as one grid."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from .images import make_grid, save_image
+    from .infer import DEFAULT_SCHEDULER, generate
+    from .schedulers import make_scheduler
+
+    if c.vae is None or c.text_encoder is None:
+        raise AdaptError("validation needs the VAE and text encoder; they were released")
+    parts = {"vae": c.vae, "text_encoder": c.text_encoder, "unet": c.unet}
+    parts.update({n: accelerator.unwrap_model(getattr(c, n)) for n in method.trainable_modules})
+    pipe = StableDiffusionPipeline(**parts, tokenizer=c.tokenizer, scheduler=make_scheduler(DEFAULT_SCHEDULER, c.noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for m in trained_modules:
+        m.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            prompts = [method.prompt(p) for p in cfg.validation_prompt]
+            images = generate(pipe, prompts, [cfg.seed] * len(prompts), steps=cfg.validation_steps)
+    finally:
+        for m in trained_modules:
+            m.train()
+    save_image(make_grid(images), path)
+
+
+def write_report(out_dir: Path, recipe: dict, losses: list[float], seconds: float, skipped: int) -> None:
+    """report.md: what ran (recipe), how the loss went, and the validation grids."""
+    from .fileio import atomic_path
+
+    grids = sorted((out_dir / "validation").glob("*.png")) if (out_dir / "validation").is_dir() else []
+    tail = losses[-max(1, len(losses) // 10):]
+    lines = [f"# {recipe.get('method', 'adapt')} run", "",
+             f"{len(losses)} steps in {seconds:.0f} s; loss {losses[0]:.4f} -> {sum(tail) / len(tail):.4f} "
+             f"(mean of the last 10%){f'; {skipped} non-finite batches skipped' if skipped else ''}." if losses else "No steps.",
+             "", "![loss](loss.png)", ""]
+    if grids:
+        lines += ["## Validation samples", ""] + [f"### {g.stem}\n\n![{g.stem}](validation/{g.name})\n" for g in grids]
+    lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", ""]
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def _scalars(recipe: dict, prefix: str = "") -> dict:
+    """Flatten a recipe to the scalar hyper-parameters trackers accept."""
+    out = {}
+    for k, v in recipe.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _metric_rows(path: Path, upto: int) -> list[dict]:

@@ -6,7 +6,8 @@ A method has
     prepare(components): add adapters / new tokens before training (default: nothing),
     trainable_parameters(components) -> list of parameters the optimizer updates,
     after_step(components): runs after every optimizer step (default: nothing),
-    tokenize(tokenizer, prompt): prompt -> input_ids (default: CLIP padding to 77 tokens),
+    prompt(text): the prompt as the tokenizer should see it (default: unchanged),
+    tokenize(tokenizer, prompt): prompt -> input_ids (CLIP padding to 77 tokens),
     save(components, out_dir, recipe): write the artifact, carrying the recipe.
 """
 
@@ -25,11 +26,15 @@ class Method:
     def after_step(self, components) -> None:
         pass
 
+    def prompt(self, text: str) -> str:
+        """The prompt as the tokenizer should see it (textual inversion expands multi-vector tokens)."""
+        return text
+
     def tokenize(self, tokenizer, prompt: str):
-        """Prompt -> input_ids; textual inversion overrides it to expand multi-vector tokens."""
+        """Prompt -> input_ids (CLIP padding to 77 tokens)."""
         from ..data import tokenize
 
-        return tokenize(tokenizer, prompt)
+        return tokenize(tokenizer, self.prompt(prompt))
 
     def save(self, components, out_dir, recipe: dict) -> None:
         raise NotImplementedError

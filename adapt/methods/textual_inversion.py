@@ -92,20 +92,25 @@ class TextualInversionMethod(Method):
     def after_step(self, components) -> None:
         import torch
 
-        weight = components.text_encoder.get_input_embeddings().weight
+        weight = _unwrap(components.text_encoder).get_input_embeddings().weight
         with torch.no_grad():
             weight[self.keep] = self.original[self.keep].to(weight.dtype)
 
-    def tokenize(self, tokenizer, prompt: str):
-        return super().tokenize(tokenizer, expand_prompt(prompt, self.token, len(self.tokens)))
+    def prompt(self, text: str) -> str:
+        return expand_prompt(text, self.token, len(self.tokens))
 
     def learned(self, components):
-        return components.text_encoder.get_input_embeddings().weight[self.ids].detach().float().cpu().contiguous()
+        return _unwrap(components.text_encoder).get_input_embeddings().weight[self.ids].detach().float().cpu().contiguous()
 
     def save(self, components, out_dir, recipe: dict) -> None:
         out_dir = Path(out_dir)
         save_embedding(self.learned(components), self.token, out_dir, recipe, self.formats)
         write_json(out_dir / "recipe.json", recipe)
+
+
+def _unwrap(module):
+    """The model inside a DistributedDataParallel wrapper (multi-process training)."""
+    return getattr(module, "module", module)
 
 
 def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
