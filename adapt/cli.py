@@ -190,7 +190,9 @@ def _class_examples(model, data, db, resolution: int):
 
 
 def _relaunch(num_processes: int) -> None:
-    """Run this same command as N data-parallel processes under `accelerate launch` (CPU: gloo)."""
+    """Run this same command as N data-parallel processes: `accelerate launch --multi_gpu` on GPUs;
+    on CPU torch's launcher with ACCELERATE_USE_CPU (accelerate's multi-CPU mode, gloo, no MPI)."""
+    import socket
     import subprocess
 
     import torch
@@ -199,17 +201,24 @@ def _relaunch(num_processes: int) -> None:
     for a in sys.argv[1:]:
         if skip:
             skip = False
-            continue
-        if a == "--num-processes":
+        elif a == "--num-processes":
             skip = True
-            continue
-        if not a.startswith("--num-processes="):
+        elif not a.startswith("--num-processes="):
             argv.append(a)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
-           "--dynamo_backend", "no", "--mixed_precision", "no", *([] if torch.cuda.is_available() else ["--cpu"]),
-           "-m", "adapt", *argv]
+    env = dict(os.environ)
+    if torch.cuda.is_available():
+        launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+                    "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = ["torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_addr", "127.0.0.1",
+                    "--master_port", str(port)]
+        env["ACCELERATE_USE_CPU"] = "true"
+    cmd = [sys.executable, "-m", *launcher, "-m", "adapt", *argv]
     log.info("relaunching with %d processes: %s", num_processes, " ".join(cmd))
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def _train(method_name: str, options: dict) -> None:
@@ -246,13 +255,17 @@ def _train(method_name: str, options: dict) -> None:
     out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
     if train_cfg.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(train_cfg.num_processes)
+    train_cfg.num_processes = int(os.environ.get("WORLD_SIZE", train_cfg.num_processes))  # as launched (also by accelerate launch)
 
     from accelerate import PartialState
 
     from .data import check_images, dataset_examples, instance_examples
     from .models import native_resolution, resolve_model
 
-    with PartialState().main_process_first():  # one process writes dataset images and class images; the others reuse them
+    # Under a launcher, the first PartialState fixes the distributed setup for the process; on CPU
+    # that needs cpu=True (accelerate's multi-CPU mode, which Accelerator reads from the same variable).
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    with state.main_process_first():  # one process writes dataset images and class images; the others reuse them
         if data.dataset:
             examples = dataset_examples(data.dataset, data.image_column, data.caption_column, data.token, data.class_word,
                                         out / "dataset")

@@ -1,0 +1,189 @@
+"""Data and training ergonomics: datasets input, aspect-ratio buckets, min-SNR / noise offset,
+validation samples and report, tensorboard, and multi-process data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from adapt.cli import app
+from adapt.config import LoraConfig, TrainConfig
+from adapt.data import BatchOrder, Example, bucket_size, dataset_examples, load_pixels
+from adapt.errors import AdaptError
+from adapt.methods.lora import LoraMethod
+from adapt.models import load_components
+from adapt.train import diffusion_loss, train
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+# --- loss options ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_v_model"])
+def test_min_snr_weighting_equals_hand_computation(model, request):
+    c = load_components(request.getfixturevalue(model))
+    torch.manual_seed(1)
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([5, 300, 900])
+    hidden = torch.randn(3, 77, 32)
+    w = torch.tensor([0.5, 0.25, 0.25])
+    with torch.no_grad():
+        got = diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, w, noise, t, snr_gamma=5.0)
+        plain = [diffusion_loss(c.unet, c.noise_scheduler, latents[i:i + 1], hidden[i:i + 1], torch.ones(1), noise[i:i + 1],
+                                t[i:i + 1]) for i in range(3)]
+    ab = c.noise_scheduler.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    v = c.noise_scheduler.config.prediction_type == "v_prediction"
+    factor = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if v else snr)
+    expected = sum(w[i] * factor[i] * plain[i] for i in range(3))
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert factor[0] < 0.1 and factor[2] == pytest.approx(1.0 if not v else float(snr[2] / (snr[2] + 1)), rel=1e-5)
+
+
+def test_noise_offset_and_snr_change_training_only_when_asked(tiny_model, concept_dir, tmp_path):
+    from adapt.data import instance_examples
+
+    ex = instance_examples(concept_dir, "<sks>", "a photo of {token}")
+
+    def losses(**kw):
+        return train(load_components(tiny_model), LoraMethod(LoraConfig()), ex, TrainConfig(steps=3, lr=1e-2, **kw),
+                     tmp_path / str(len(kw)) / str(sorted(kw)), resolution=16, progress=False)["losses"]
+
+    base = losses()
+    assert losses(noise_offset=0.0) == base
+    assert losses(noise_offset=0.1) != base
+    assert losses(snr_gamma=0.5) != base  # a small gamma reweights most timesteps
+
+
+# --- aspect-ratio buckets -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("w,h", [(512, 512), (1024, 512), (640, 480), (300, 1200), (1920, 1080), (1000, 999), (64, 2000)])
+def test_buckets_crop_less_than_one_step(w, h):
+    res, step = 512, 64
+    bw, bh = bucket_size(w, h, res, step)
+    assert bw % step == 0 and bh % step == 0
+    assert bw * bh <= res * res * 1.0001
+    scale = max(bw / w, bh / h)  # load_pixels scales the image to cover the bucket, then crops
+    assert round(w * scale) - bw < step and round(h * scale) - bh < step
+
+
+def test_bucketed_training_caches_latents_at_each_images_shape(tiny_model, tmp_path):
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    sizes = {"wide": (64, 32), "tall": (32, 64), "square": (48, 48)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 30, 30)).save(folder / f"{name}.png")
+    examples = [Example(folder / f"{n}.png", "a photo of <sks>") for n in sizes]
+    assert bucket_size(64, 32, 32, 16) == (32, 16)  # ~32^2 pixels, sides multiples of 16
+    assert load_pixels(examples[0], bucket_size(64, 32, 32, 16)).shape == (3, 16, 32)
+
+    c = load_components(tiny_model)
+    calls = []
+    real = c.vae.encode
+    c.vae.encode = lambda x: (calls.append(tuple(x.shape)), real(x))[1]
+    result = train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=4, batch_size=2, lr=1e-2), tmp_path / "o",
+                   resolution=32, bucket_step=16, progress=False)
+    assert result["steps"] == 4 and all(np.isfinite(result["losses"]))
+    assert sorted(calls) == sorted([(1, 3, 16, 32), (1, 3, 32, 16), (1, 3, 32, 32)])  # once per image, at its bucket
+
+    order = BatchOrder([0] * 6, 2, 0, keys=["a", "b", "a", "b", "c", "c"])
+    for _ in range(10):
+        batch = order.next()
+        assert len({["a", "b", "a", "b", "c", "c"][i] for i in batch}) == 1  # one image size per batch
+
+
+# --- validation samples, report, tensorboard ---------------------------------------------------
+
+def test_validation_grids_report_and_tensorboard(tiny_model, concept_dir, tmp_path):
+    from adapt.infer import generate, load_pipeline
+
+    out = tmp_path / "run"
+    code, log = run("lora", "--images", concept_dir, "--token", "<sks>", "--model", tiny_model, "--output", out,
+                    "--steps", "4", "--lr", "1e-2", "--validation-prompt", "a photo of <sks>", "--validation-prompt", "a dog",
+                    "--validation-every", "2", "--validation-steps", "3", "--log-with", "tensorboard")
+    assert code == 0, log
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["final.png", "step-000002.png"]
+    report = (out / "report.md").read_text()
+    assert "validation/final.png" in report and "loss.png" in report and '"method": "lora"' in report
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    # the final grid is what the inference module renders from the saved LoRA (seed = --seed)
+    pipe = load_pipeline(str(tiny_model), "dpm++2m-karras", loras=[(str(out / LORA), 1.0)])
+    images = generate(pipe, ["a photo of <sks>", "a dog"], [0, 0], steps=3)
+    grid = np.asarray(Image.open(out / "validation" / "final.png"), dtype=int)
+    ours = np.concatenate([np.asarray(i, dtype=int) for i in images], axis=1)
+    assert np.abs(grid[:16, :32] - ours).max() <= 2
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+def test_dataset_inputs_and_missing_columns(tiny_model, concept_dir, tmp_path):
+    import datasets
+
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    rows = []
+    for i, p in enumerate(sorted(concept_dir.glob("*.png"))):
+        Image.open(p).save(folder / p.name)
+        rows.append({"file_name": p.name, "text": f"a photo of {{token}} number {i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = dataset_examples(str(folder), "image", "text", "<sks>", None, tmp_path / "mat")
+    assert [e.prompt for e in examples] == [f"a photo of <sks> number {i}" for i in range(3)]
+    assert all(e.image.is_file() and e.image.parent == tmp_path / "mat" for e in examples)
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"img": [Image.open(e.image) for e in examples], "caption": ["x {token}"] * 3}) \
+        .cast_column("img", datasets.Image()).save_to_disk(str(saved))
+    assert [e.prompt for e in dataset_examples(str(saved), "img", "caption", "<t>", None, tmp_path / "m2")] == ["x <t>"] * 3
+    with pytest.raises(AdaptError, match=r"no column 'image' \(columns: img, caption\); pass --image-column"):
+        dataset_examples(str(saved), "image", "caption", "<t>", None, tmp_path / "m3")
+    with pytest.raises(AdaptError, match="cannot load dataset 'nobody/nothing'"):
+        dataset_examples("nobody/nothing", "image", "text", "<t>", None, tmp_path / "m4")
+
+    out = tmp_path / "run"
+    code, log = run("lora", "--dataset", folder, "--token", "<sks>", "--model", tiny_model, "--steps", "2", "--output", out)
+    assert code == 0, log
+    assert json.loads((out / "recipe.json").read_text())["data"]["dataset"] == str(folder)
+    assert "pass either --images DIR or --dataset" in run("lora", "--dataset", folder, "--images", concept_dir,
+                                                          "--token", "<sks>")[1]
+
+
+# --- multi-process -----------------------------------------------------------------------------
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model, concept_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "adapt", "lora", "--images", str(concept_dir), "--token", "<sks>", "--model",
+                str(tiny_model), "--output", str(out), "--steps", "5", "--lr", "1e-2", "--random-flip",
+                "--caption-dropout", "0.3", *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(cmd(tmp_path / "one", "--batch-size", "2"), capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(cmd(tmp_path / "two", "--batch-size", "1", "--num-processes", "2"), capture_output=True, text=True,
+                         env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one" / LORA)), load_file(str(tmp_path / "two" / LORA))
+    # Equal up to the order of the gradient all-reduce, which Adam's normalisation can amplify to
+    # ~1e-4 after 5 steps at lr 1e-2 (a single process with batch 1 differs by ~7e-2).
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 2e-3
+    la = [json.loads(r)["loss"] for r in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(r)["loss"] for r in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lb) == 5 and np.allclose(la, lb, rtol=1e-5)  # one line per step: only the main process writes
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert json.loads((tmp_path / "two" / "recipe.json").read_text())["train"]["num_processes"] == 2
