@@ -117,6 +117,17 @@ def target_size(example: Example, resolution: int, bucket_step: int | None) -> t
     return bucket_size(w, h, resolution, bucket_step)
 
 
+def crop_geometry(example: Example, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((original height, width), (crop top, left)) of how load_pixels cuts `size` = (W, H) out of
+    the image: SDXL's micro-conditioning inputs."""
+    img = load_rgb(example.image)
+    w, h = img.size
+    width, height = size
+    scale = max(width / w, height / h)
+    rw, rh = (max(width, round(w * scale)), max(height, round(h * scale))) if scale != 1 else (w, h)
+    return (h, w), ((rh - height) // 2, (rw - width) // 2)
+
+
 def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = False):
     """Image -> float tensor [3, H, W] in [-1, 1]: scaled (bicubic; upscaled if smaller) to cover
     size = (W, H) (or a square side), center crop, optional horizontal flip."""

@@ -26,7 +26,7 @@ def peft_loras(components) -> dict:
     from .loras import Lora
 
     out = {}
-    for prefix in ("unet", "text_encoder"):
+    for prefix in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(components, prefix, None)
         if module is None or not getattr(module, "peft_config", None):
             continue
@@ -118,8 +118,10 @@ def save_pipeline(components, out_dir, recipe: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(components.source)
     trained = {"unet": components.unet}
-    if components.text_encoder is not None and any(p.requires_grad for p in components.text_encoder.parameters()):
-        trained["text_encoder"] = components.text_encoder
+    for name in components.text_encoder_names:
+        module = getattr(components, name)
+        if module is not None and any(p.requires_grad for p in module.parameters()):
+            trained[name] = module
     for entry in sorted(src.iterdir()):
         if entry.name in trained or entry.name.startswith("."):
             continue

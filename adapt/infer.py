@@ -46,17 +46,24 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     and the textual-inversion embeddings loaded. `fuse` folds the LoRAs into the weights (faster
     sampling, same images within float tolerance) and removes the adapter layers."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .models import is_sdxl_folder
 
     quiet_libraries()
     path = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        if is_sdxl_folder(path):
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+                                                           requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise AdaptError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
+    if dtype == torch.float16:
+        pipe.vae.to(torch.float32)  # fp16 VAEs overflow (black images / NaN, SDXL's known failure); decoding is cheap
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -74,13 +81,19 @@ def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool
     from .methods.textual_inversion import read_embedding
 
     token, emb = read_embedding(path, token, allow_pickle)
+    per_encoder = emb if isinstance(emb, dict) else {"text_encoder": emb}
+    if set(per_encoder) != {"text_encoder", *(["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) else [])}:
+        raise AdaptError(f"embedding {path} is for {'SDXL (clip_l + clip_g)' if 'text_encoder_2' in per_encoder else 'one text encoder (SD 1.x/2.x)'}, "
+                         "not for this model; was it made for another architecture?")
     try:
-        pipe.load_textual_inversion(emb.to(pipe.text_encoder.dtype), token=token, tokenizer=pipe.tokenizer,
-                                    text_encoder=pipe.text_encoder)
+        for name, tensor in per_encoder.items():
+            encoder, tokenizer = getattr(pipe, name), getattr(pipe, name.replace("text_encoder", "tokenizer"))
+            pipe.load_textual_inversion(tensor.to(encoder.dtype), token=token, tokenizer=tokenizer, text_encoder=encoder)
     except ValueError as e:
         raise AdaptError(f"embedding {path} cannot be loaded as {token!r} ({str(e).splitlines()[0][:160]}); "
                          "was it made for another model, or is the token taken? rename it with FILE:TOKEN") from None
-    log.info("loaded embedding %s as %r (%d vector(s))", path, token, emb.shape[0] if emb.ndim == 2 else 1)
+    first = per_encoder["text_encoder"]
+    log.info("loaded embedding %s as %r (%d vector(s))", path, token, first.shape[0] if first.ndim == 2 else 1)
     return token
 
 
@@ -97,8 +110,10 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False) 
     names, weights = [], []
     tmp = tempfile.TemporaryDirectory()
     for i, (path, weight) in enumerate(loras):
-        _, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
-        if meta.get("adapt.pickle"):
+        tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
+        # Pickles, and kohya files (diffusers' kohya reader cannot place text-encoder LoRAs without
+        # out_proj, e.g. our q/k-only ones), go to diffusers through our own diffusers-layout copy.
+        if meta.get("adapt.pickle") or any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
             from .loras import read_lora, write_lora
 
             path = write_lora(Path(tmp.name) / f"{i}.safetensors", read_lora(path, allow_pickle)[0])

@@ -21,6 +21,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODEL = PACKAGE_DIR / "base"
 TOKENIZER_DIR = PACKAGE_DIR / "data_files" / "clip-tokenizer"
 REQUIRED = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+REQUIRED_SDXL = REQUIRED + ("tokenizer_2", "text_encoder_2")
 
 
 def resolve_model(model: str | None) -> Path:
@@ -52,7 +53,7 @@ def check_model_folder(path: Path) -> Path:
     if not (path / "model_index.json").is_file():
         raise AdaptError(f"{path} has no model_index.json; pass a diffusers Stable Diffusion pipeline folder "
                          "(save_pretrained layout), not a single checkpoint file")
-    missing = [c for c in REQUIRED if not (path / c).is_dir()]
+    missing = [c for c in (REQUIRED_SDXL if is_sdxl_folder(path) else REQUIRED) if not (path / c).is_dir()]
     if missing:
         raise AdaptError(f"model folder {path} lacks the component(s) {', '.join(missing)}; "
                          "pass a complete diffusers Stable Diffusion pipeline folder")
@@ -69,10 +70,33 @@ class Components:
     unet: Any
     noise_scheduler: Any
     source: Path  # the pipeline folder these came from (used to copy released parts on save)
+    tokenizer_2: Any = None  # SDXL's second tokenizer / text encoder (OpenCLIP bigG); None for SD 1.x/2.x
+    text_encoder_2: Any = None
 
     @property
     def resolution(self) -> int:
         return native_resolution(self.source)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.tokenizer_2 is not None
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return ("text_encoder", "text_encoder_2") if self.is_sdxl else ("text_encoder",)
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer, self.tokenizer_2] if self.is_sdxl else [self.tokenizer]
+
+
+def is_sdxl_folder(path: Path) -> bool:
+    """An SDXL pipeline folder has a second tokenizer and text encoder."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None
 
 
 def native_resolution(path: Path) -> int:
@@ -86,10 +110,44 @@ def native_resolution(path: Path) -> int:
         raise AdaptError(f"cannot read the UNet/VAE config in {path} ({e}); pass a complete diffusers model folder") from None
 
 
+def tokenize_prompt(components, prompt: str):
+    """Prompt -> input ids: [1, 77] for SD 1.x/2.x, [1, 2, 77] (one row per tokenizer) for SDXL."""
+    from .data import tokenize
+
+    ids = [tokenize(t, prompt) for t in components.tokenizers]
+    if len(ids) == 1:
+        return ids[0]
+    import torch
+
+    return torch.stack(ids, dim=1)
+
+
 def encode_prompts(components, input_ids) -> dict:
-    """THE place where prompts become the UNet's conditioning: {"encoder_hidden_states": ...}
-    plus any extra inputs the UNet needs (passed as added_cond_kwargs)."""
-    return {"encoder_hidden_states": components.text_encoder(input_ids)[0]}
+    """THE place where prompts become the UNet's text conditioning.
+
+    SD 1.x/2.x: {"encoder_hidden_states": last hidden state}. SDXL (as diffusers' SDXL pipeline):
+    the penultimate hidden states of both encoders concatenated, and the second encoder's pooled,
+    projected output as "text_embeds" (an added_cond_kwargs input of the UNet)."""
+    if not components.is_sdxl:
+        return {"encoder_hidden_states": components.text_encoder(input_ids)[0]}
+    hidden = []
+    for i, encoder in enumerate((components.text_encoder, components.text_encoder_2)):
+        out = encoder(input_ids[:, i], output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (the last encoder's is the one kept)
+    import torch
+
+    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+
+def size_conditioning(components, original_size, crop_top_left, target_size) -> dict:
+    """SDXL's micro-conditioning for one image: time_ids = (orig h, orig w, crop top, crop left,
+    target h, target w). Nothing for SD 1.x/2.x. Sizes are (height, width)."""
+    if not components.is_sdxl:
+        return {}
+    import torch
+
+    return {"time_ids": torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)}
 
 
 def quiet_libraries() -> None:
@@ -104,27 +162,32 @@ def quiet_libraries() -> None:
 
 
 def load_components(model: str | None, device: str = "cpu", dtype=None) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen."""
+    """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
+    An SDXL folder (tokenizer_2 / text_encoder_2) is detected from model_index.json."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_libraries()
     dtype = dtype or torch.float32
     path = resolve_model(model)
+    sdxl = is_sdxl_folder(path)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2") if sdxl else None
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype) if sdxl else None
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise AdaptError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False)
-        m.eval()
-        m.to(device)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, path)
+    for m in (text_encoder, text_encoder_2, vae, unet):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+            m.to(device)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, path, tokenizer_2, text_encoder_2)
 
 
 # --- tiny models for tests and benchmarks -------------------------------------------------------
@@ -203,3 +266,32 @@ def build_pipeline_folder(out_dir: str | Path, unet: dict, vae: dict, text: dict
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """A ~2M-parameter SD-layout model: 16 px images, 8x8x4 latents. Runs a training step in ms."""
     return build_pipeline_folder(out_dir, TINY_UNET, TINY_VAE, TINY_TEXT, seed, prediction_type)
+
+
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+)
+
+
+def build_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SDXL-layout model: two CLIP text encoders (the second with a projection, 32-d pooled
+    output), a UNet with text_time added conditioning; 16 px images. For tests only."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**TINY_VAE, force_upcast=True),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT, projection_dim=32)),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
+        scheduler=DDPMScheduler(**SD15_SCHEDULER),
+    )
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -24,7 +24,7 @@ from typing import Iterable
 
 from .config import TrainConfig
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .data import BatchOrder, Example, load_pixels, loss_weights, target_size
+from .data import BatchOrder, Example, crop_geometry, load_pixels, loss_weights, target_size
 from .errors import AdaptError
 
 log = logging.getLogger("adapt")
@@ -78,8 +78,10 @@ def place_for_training(components, trainable: set[int], device, weight_dtype) ->
     VAE stays fp32: it encodes once per image, and fp16 VAEs are a known source of NaN latents."""
     import torch
 
-    for name in ("text_encoder", "unet", "vae"):
-        module = getattr(components, name)
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        module = getattr(components, name, None)
+        if module is None:
+            continue
         module.to(device)
         for p in module.parameters():
             p.data = p.data.to(torch.float32 if (id(p) in trainable or name == "vae") else weight_dtype)
@@ -112,7 +114,7 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from .models import encode_prompts
+    from .models import encode_prompts, size_conditioning
 
     if not examples:
         raise AdaptError("no training examples; pass --images DIR with at least one image")
@@ -169,14 +171,18 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
             _release(c, "vae")
 
     prompts = sorted({ex.prompt for ex in examples} | ({""} if cfg.caption_dropout else set()))
-    input_ids = {p: method.tokenize(c.tokenizer, p) for p in prompts}
+    input_ids = {p: method.tokenize(c, p) for p in prompts}
     text_cache: dict[str, dict] = {}
-    if cfg.cache_text and "text_encoder" not in method.trainable_modules:
+    if cfg.cache_text and not set(c.text_encoder_names) & set(method.trainable_modules):
         with torch.no_grad(), accelerator.autocast():
             for p in prompts:
                 text_cache[p] = {k: v[0] for k, v in encode_prompts(c, input_ids[p].to(device)).items()}
         if not keep_frozen:
-            _release(c, "text_encoder")
+            for name in c.text_encoder_names:
+                _release(c, name)
+    # SDXL's size conditioning per image (original size, crop, target); empty for SD 1.x/2.x
+    size_cond = {ex.image: size_conditioning(c, *crop_geometry(ex, sizes[ex.image]), sizes[ex.image][::-1])
+                 for ex in examples} if c.is_sdxl else {}
 
     optimizer = _optimizer(cfg, params)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
@@ -262,6 +268,8 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
                             cond = {key: torch.stack([text_cache[batch_prompts[j]][key] for j in js]) for key in text_cache[batch_prompts[js[0]]]}
                         else:
                             cond = encode_prompts(c, torch.cat([input_ids[batch_prompts[j]] for j in js]).to(device))
+                        if size_cond:
+                            cond["time_ids"] = torch.stack([size_cond[batch[j].image]["time_ids"] for j in js]).to(device)
                         hidden = cond.pop("encoder_hidden_states")
                         loss = diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, weights[js],
                                               torch.stack([draws[j][1] for j in js]), torch.cat([draws[j][2] for j in js]),
@@ -329,7 +337,7 @@ def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, 
     """Render the validation prompts with the model as it is now, through the inference module
     (fixed seeds, dpm++2m-karras), as one grid."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .images import make_grid, save_image
     from .infer import DEFAULT_SCHEDULER, generate
@@ -337,10 +345,14 @@ def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, 
 
     if c.vae is None or c.text_encoder is None:
         raise AdaptError("validation needs the VAE and text encoder; they were released")
-    parts = {"vae": c.vae, "text_encoder": c.text_encoder, "unet": c.unet}
+    parts = {"vae": c.vae, "unet": c.unet, "scheduler": make_scheduler(DEFAULT_SCHEDULER, c.noise_scheduler.config),
+             **{n: getattr(c, n) for n in c.text_encoder_names},
+             **{n.replace("text_encoder", "tokenizer"): t for n, t in zip(c.text_encoder_names, c.tokenizers)}}
     parts.update({n: accelerator.unwrap_model(getattr(c, n)) for n in method.trainable_modules})
-    pipe = StableDiffusionPipeline(**parts, tokenizer=c.tokenizer, scheduler=make_scheduler(DEFAULT_SCHEDULER, c.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if c.is_sdxl:
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     for m in trained_modules:
         m.eval()

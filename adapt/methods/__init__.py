@@ -7,7 +7,7 @@ A method has
     trainable_parameters(components) -> list of parameters the optimizer updates,
     after_step(components): runs after every optimizer step (default: nothing),
     prompt(text): the prompt as the tokenizer should see it (default: unchanged),
-    tokenize(tokenizer, prompt): prompt -> input_ids (CLIP padding to 77 tokens),
+    tokenize(components, prompt): prompt -> input_ids (CLIP padding to 77 tokens),
     save(components, out_dir, recipe): write the artifact, carrying the recipe.
 """
 
@@ -30,11 +30,11 @@ class Method:
         """The prompt as the tokenizer should see it (textual inversion expands multi-vector tokens)."""
         return text
 
-    def tokenize(self, tokenizer, prompt: str):
-        """Prompt -> input_ids (CLIP padding to 77 tokens)."""
-        from ..data import tokenize
+    def tokenize(self, components, prompt: str):
+        """Prompt -> input_ids (CLIP padding to 77 tokens; one row per tokenizer for SDXL)."""
+        from ..models import tokenize_prompt
 
-        return tokenize(tokenizer, self.prompt(prompt))
+        return tokenize_prompt(components, self.prompt(prompt))
 
     def save(self, components, out_dir, recipe: dict) -> None:
         raise NotImplementedError

@@ -10,9 +10,12 @@ from . import Method
 
 class FullMethod(Method):
     def __init__(self, train_text_encoder: bool = False):
+        self.train_text_encoder = train_text_encoder
         self.trainable_modules = ("unet", "text_encoder") if train_text_encoder else ("unet",)
 
     def prepare(self, components) -> None:
+        if self.train_text_encoder:  # every text encoder (SDXL has two)
+            self.trainable_modules = ("unet", *components.text_encoder_names)
         for n in self.trainable_modules:
             getattr(components, n).requires_grad_(True)
 

@@ -35,8 +35,10 @@ class LoraMethod(Method):
             if t not in names and not any(n.endswith("." + t) for n in dotted):
                 raise AdaptError(f"LoRA target '{t}' is not a module of this UNet; choose from q,k,v,out")
         components.unet.add_adapter(self._config(self.cfg.target_modules))
-        if self.cfg.train_text_encoder:
-            components.text_encoder.add_adapter(self._config(TEXT_ENCODER_TARGETS))
+        if self.cfg.train_text_encoder:  # every text encoder (SDXL has two)
+            self.trainable_modules = ("unet", *components.text_encoder_names)
+            for name in components.text_encoder_names:
+                getattr(components, name).add_adapter(self._config(TEXT_ENCODER_TARGETS))
 
     def trainable_parameters(self, components) -> list:
         return [p for n in self.trainable_modules for p in getattr(components, n).parameters() if p.requires_grad]

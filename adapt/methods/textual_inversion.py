@@ -56,7 +56,7 @@ def init_token_id(tokenizer, init_token: str) -> int:
 
 
 class TextualInversionMethod(Method):
-    trainable_modules = ("text_encoder",)
+    """One new embedding row block per text encoder (SDXL: both, saved as clip_l / clip_g)."""
 
     def __init__(self, token: str, init_token: str, num_vectors: int = 1, formats: tuple[str, ...] = ("diffusers",)):
         if num_vectors < 1:
@@ -66,41 +66,52 @@ class TextualInversionMethod(Method):
                 raise AdaptError(f"unknown format {f!r}; choose one of: {', '.join(FORMATS)}")
         self.token, self.init_token, self.formats = token, init_token, formats
         self.tokens = vector_tokens(token, num_vectors)
+        self.trainable_modules = ("text_encoder",)
 
     def prepare(self, components) -> None:
         import torch
 
-        tok, te = components.tokenizer, components.text_encoder
-        init_id = init_token_id(tok, self.init_token)
-        for t in self.tokens:
-            check_new_token(tok, t)
-        tok.add_tokens(self.tokens)
-        self.ids = tok.convert_tokens_to_ids(self.tokens)
-        te.resize_token_embeddings(len(tok))
-        weight = te.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[self.ids] = weight[init_id].clone()
-        self.original = weight.detach().clone()
-        self.keep = torch.ones(weight.shape[0], dtype=torch.bool)
-        self.keep[self.ids] = False
-        te.requires_grad_(False)
-        weight.requires_grad_(True)
+        self.trainable_modules = components.text_encoder_names
+        self.rows = {}  # encoder name -> (new row ids, original weight, mask of rows to keep)
+        for name, tok in zip(self.trainable_modules, components.tokenizers):
+            te = getattr(components, name)
+            init_id = init_token_id(tok, self.init_token)
+            for t in self.tokens:
+                check_new_token(tok, t)
+            tok.add_tokens(self.tokens)
+            ids = tok.convert_tokens_to_ids(self.tokens)
+            te.resize_token_embeddings(len(tok))
+            weight = te.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[ids] = weight[init_id].clone()
+            keep = torch.ones(weight.shape[0], dtype=torch.bool)
+            keep[ids] = False
+            self.rows[name] = (ids, weight.detach().clone(), keep)
+            te.requires_grad_(False)
+            weight.requires_grad_(True)
+        self.ids = self.rows["text_encoder"][0]
+
+    def _weight(self, components, name):
+        return _unwrap(getattr(components, name)).get_input_embeddings().weight
 
     def trainable_parameters(self, components) -> list:
-        return [components.text_encoder.get_input_embeddings().weight]
+        return [self._weight(components, n) for n in self.trainable_modules]
 
     def after_step(self, components) -> None:
         import torch
 
-        weight = _unwrap(components.text_encoder).get_input_embeddings().weight
         with torch.no_grad():
-            weight[self.keep] = self.original[self.keep].to(weight.dtype)
+            for name, (_, original, keep) in self.rows.items():
+                weight = self._weight(components, name)
+                weight[keep] = original[keep].to(weight.dtype)
 
     def prompt(self, text: str) -> str:
         return expand_prompt(text, self.token, len(self.tokens))
 
-    def learned(self, components):
-        return _unwrap(components.text_encoder).get_input_embeddings().weight[self.ids].detach().float().cpu().contiguous()
+    def learned(self, components) -> dict:
+        """{"text_encoder": [N, dim], ("text_encoder_2": [N, dim2])} of the new rows."""
+        return {name: self._weight(components, name)[ids].detach().float().cpu().contiguous()
+                for name, (ids, _, _) in self.rows.items()}
 
     def save(self, components, out_dir, recipe: dict) -> None:
         out_dir = Path(out_dir)
@@ -121,16 +132,24 @@ def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
     return pattern.sub(" ".join(vector_tokens(token, num_vectors)), prompt)
 
 
-def save_embedding(embeds, token: str, out_dir: Path, recipe: dict, formats=("diffusers",)) -> list[Path]:
+def save_embedding(embeds: dict, token: str, out_dir: Path, recipe: dict, formats=("diffusers",)) -> list[Path]:
+    """embeds = {"text_encoder": [N, dim]} (SD) or with "text_encoder_2" too (SDXL). SD files:
+    {token: [N, dim]} (diffusers) / {"emb_params": ...} (A1111); SDXL files hold "clip_l" and
+    "clip_g", the layout diffusers' loaders and ComfyUI read."""
     from safetensors.torch import save_file
 
     meta = {"format": "pt", "adapt.recipe": json.dumps(recipe, sort_keys=True), "adapt.token": token}
+    sdxl = "text_encoder_2" in embeds
     written = []
     for fmt in formats:
+        if sdxl:
+            tensors = {"clip_l": embeds["text_encoder"], "clip_g": embeds["text_encoder_2"]}
+        else:
+            tensors = {token if fmt == "diffusers" else "emb_params": embeds["text_encoder"]}
         if fmt == "diffusers":
-            path, tensors = out_dir / EMBEDS_FILE, {token: embeds}
-        else:  # A1111 / ComfyUI: the file name is the prompt word, the vectors under "emb_params"
-            path, tensors = out_dir / f"{re.sub(r'[^A-Za-z0-9_-]+', '', token) or 'embedding'}.a1111.safetensors", {"emb_params": embeds}
+            path = out_dir / EMBEDS_FILE
+        else:  # A1111 / ComfyUI: the file name is the prompt word
+            path = out_dir / f"{re.sub(r'[^A-Za-z0-9_-]+', '', token) or 'embedding'}.a1111.safetensors"
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -140,10 +159,14 @@ def save_embedding(embeds, token: str, out_dir: Path, recipe: dict, formats=("di
 
 def read_embedding(path: str | Path, token: str | None = None, allow_pickle: bool = False):
     """(token, tensor [N, dim]) from a diffusers or A1111/ComfyUI embedding file (safetensors;
-    A1111 .pt pickles only with allow_pickle)."""
+    A1111 .pt pickles only with allow_pickle); for an SDXL file (clip_l + clip_g) the tensor is a
+    dict {"text_encoder": clip_l, "text_encoder_2": clip_g}."""
     from ..formats import read_safetensors
 
     tensors, meta = read_safetensors(path, "embedding", allow_pickle)
+    if {"clip_l", "clip_g"} <= tensors.keys():
+        name = meta.get("adapt.token") or Path(path).name.split(".")[0]
+        return token or name, {"text_encoder": tensors["clip_l"], "text_encoder_2": tensors["clip_g"]}
     if "string_to_param.*" in tensors:  # A1111 .pt
         tensors = {"emb_params": tensors["string_to_param.*"]}
     if "emb_params" in tensors:
