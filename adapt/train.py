@@ -229,8 +229,8 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
 
     T = c.noise_scheduler.config.num_train_timesteps
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
-    start = time.perf_counter()
-    running, skipped = 0.0, 0
+    start = last = time.perf_counter()
+    running, skipped, step_seconds = 0.0, 0, []
     while step < cfg.steps:
         batch = [examples[i] for i in order.next()]  # the global batch, in the same order on every process
         flipped = [bool(random_flip and torch.rand((), generator=data_rng) < 0.5) for _ in batch]
@@ -302,6 +302,9 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
             continue
         method.after_step(c)
         step += 1
+        now = time.perf_counter()
+        step_seconds.append(now - last)
+        last = now
         losses.append(running)
         lr = lr_scheduler.get_last_lr()[0]
         if cfg.log_with:
@@ -330,7 +333,7 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         plot_losses(losses, out_dir / "loss.png")
         write_report(out_dir, recipe or {}, losses, seconds, skipped)
     accelerator.end_training()
-    return {"losses": losses, "steps": step, "seconds": seconds, "skipped": skipped}
+    return {"losses": losses, "steps": step, "seconds": seconds, "skipped": skipped, "step_seconds": step_seconds}
 
 
 def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, accelerator) -> None:

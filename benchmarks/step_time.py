@@ -72,14 +72,10 @@ def measure(model: str, mode: str, steps: int, resolution: int, threads: int) ->
     if mode == "adapt":
         with tempfile.TemporaryDirectory() as tmp:
             examples = instance_examples(_images(Path(tmp) / "img", res), "<sks>", "a photo of {token}")
-            # time the loop twice (warmup steps, then warmup + steps) and difference them, so the
-            # first slow iterations and the setup are excluded in the same way as for bare
-            t_warm = train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=warmup), Path(tmp) / "w",
-                           resolution=res, progress=False)["seconds"]
-            c = _components(model)
-            t_all = train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=warmup + steps), Path(tmp) / "o",
-                          resolution=res, progress=False)["seconds"]
-        seconds = t_all - t_warm
+            # per-step times from the loop; the first `warmup` steps are left out, as for bare
+            times = train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=warmup + steps), Path(tmp) / "o",
+                          resolution=res, progress=False)["step_seconds"]
+        seconds = sum(times[warmup:])
     else:
         from peft import LoraConfig as PeftLoraConfig
 

@@ -1,0 +1,305 @@
+"""Assemble the initial (untrained UNet / text encoder) Stable-Diffusion pipeline folder.
+
+Given the VAE trained by ``train_vae.py``, writes ``StableDiffusionPipeline(...).save_pretrained``
+(float32 safetensors, ``safety_checker=None``, ``feature_extractor=None``,
+``requires_safety_checker=False``) with:
+
+* ``tokenizer``: the SD 1.x CLIP tokenizer (49,408 tokens) from ``adapt/data_files/clip-tokenizer``,
+  loaded with ``CLIPTokenizer.from_pretrained(folder)`` (never ``vocab_file=``/``merges_file=``,
+  which silently builds an empty vocab in transformers 5). transformers 5's ``save_pretrained``
+  writes only ``tokenizer.json`` + ``tokenizer_config.json``, so the original ``vocab.json``,
+  ``merges.txt`` and ``special_tokens_map.json`` are copied in as well (for slow tokenizers and
+  older transformers); the saved copy is re-loaded and its vocabulary size and the ids of
+  "a photo of a cat" (SD 1.5's) checked.
+* ``text_encoder``: a freshly initialised (seeded) ``CLIPTextModel``: 2 layers, 4 heads,
+  ``intermediate_size = 4 * hidden``, 77 positions, SD 1.x special-token ids.
+* ``unet``: a freshly initialised (seeded) ``UNet2DConditionModel`` for 16x16x4 latents,
+  ``block_out_channels=(64, 128, 128)``, ``DownBlock2D`` then two ``CrossAttnDownBlock2D``
+  (cross-attention at the two lower resolutions, the 8x8 and 4x4 latent grids, and in the mid
+  block; none at 16x16), ``cross_attention_dim`` = the text encoder's hidden size, 4 attention heads
+  (``attention_head_dim=4`` in diffusers' legacy naming, where it means the number of heads).
+* ``scheduler``: SD 1.5's noise schedule as a ``DDPMScheduler`` (1000 steps, scaled_linear
+  0.00085 -> 0.012, ``clip_sample=False``, ``steps_offset=1``, epsilon prediction;
+  ``set_alpha_to_one=False`` is kept in the config so DDIM/PNDM made ``from_config`` match SD 1.5).
+* ``vae``: the trained ``AutoencoderKL`` (its ``scaling_factor`` comes from training).
+
+Size limit: all weight files together must be <= ``--max-mb`` (48 MB = 48e6 bytes, float32).
+With ``--text-hidden-size auto`` / ``--unet-layers-per-block auto`` (defaults) the first
+configuration of this ladder whose predicted size (4 bytes per parameter) fits is used:
+(UNet layers_per_block, text hidden) = (2, 128), (1, 128), (1, 96), (1, 80), (1, 64). The
+token embedding (49,408 x hidden) dominates the text encoder, so its width is the main lever.
+After saving, the weight files are measured on disk (and with ``du``) and the script fails if
+the limit is exceeded.
+
+Checks: the folder loads with ``StableDiffusionPipeline.from_pretrained(out,
+torch_dtype=torch.float32)`` and a seeded 2-step 64x64 generation runs (noise, as nothing but
+the VAE is trained yet); loading WITHOUT ``torch_dtype`` gives float32 for every component.
+Results are written to ``<out>/../init_stats.json`` (``--stats``).
+
+Usage (from the repo root)::
+
+    PYTHONPATH=. python examples/build_base/init_pipeline.py \
+        --vae outputs/base-build/vae --out outputs/base-build/init
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_TOKENIZER = REPO_ROOT / "adapt" / "data_files" / "clip-tokenizer"
+VOCAB_SIZE = 49408
+BOS_ID, EOS_ID = 49406, 49407
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json")
+REFERENCE_IDS = ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407])  # SD 1.5's ids
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+LADDER = [(2, 128), (1, 128), (1, 96), (1, 80), (1, 64)]
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,  # not a DDPM argument; from_config keeps it in the saved config
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def text_config(hidden: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        projection_dim=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+    )
+
+
+def unet_kwargs(layers_per_block: int, cross_attention_dim: int, sample_size: int = 16) -> dict:
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        layers_per_block=layers_per_block,
+        attention_head_dim=4,  # legacy diffusers naming: number of heads (128 / 4 = 32 per head)
+        norm_num_groups=32,
+    )
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_models(layers_per_block: int, hidden: int, seed: int, sample_size: int):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config(hidden))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**unet_kwargs(layers_per_block, hidden, sample_size))
+    return text_encoder.eval(), unet.eval()
+
+
+def weight_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of weight files per top-level sub-folder (component)."""
+    sizes: dict[str, int] = {}
+    for p in folder.rglob("*"):
+        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES):
+            comp = p.relative_to(folder).parts[0]
+            sizes[comp] = sizes.get(comp, 0) + p.stat().st_size
+    return sizes
+
+
+def du_bytes(paths: list[Path]) -> int | None:
+    """Apparent size of ``paths`` according to ``du -cb`` (None if du is unavailable)."""
+    if not paths or shutil.which("du") is None:
+        return None
+    res = subprocess.run(["du", "-cb", *map(str, paths)], capture_output=True, text=True, check=True)
+    return int(res.stdout.strip().splitlines()[-1].split()[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vae", default=str(REPO_ROOT / "outputs" / "base-build" / "vae"),
+                   help="trained AutoencoderKL folder (from train_vae.py)")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    p.add_argument("--out", default=str(REPO_ROOT / "outputs" / "base-build" / "init"))
+    p.add_argument("--stats", default=None, help="JSON report path (default <out>/../init_stats.json)")
+    p.add_argument("--text-hidden-size", default="auto", help="int or 'auto' (see the ladder)")
+    p.add_argument("--unet-layers-per-block", default="auto", help="1, 2 or 'auto'")
+    p.add_argument("--max-mb", type=float, default=48.0, help="weight budget in MB (1e6 bytes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt", default="an emoji of cat")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+    budget = int(args.max_mb * 1e6)
+
+    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
+    if len(tokenizer) != VOCAB_SIZE:
+        raise SystemExit(f"tokenizer at {args.tokenizer} has {len(tokenizer)} tokens, not {VOCAB_SIZE}")
+    if (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) != (BOS_ID, EOS_ID, EOS_ID):
+        raise SystemExit("unexpected special-token ids in the tokenizer")
+
+    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = vae.config.sample_size // vae_factor
+    if vae.config.latent_channels != 4:
+        raise SystemExit("the UNet expects a 4-channel latent VAE")
+    vae_params = n_params(vae)
+
+    # ---- choose the configuration that fits the weight budget ----
+    if args.text_hidden_size == "auto" or args.unet_layers_per_block == "auto":
+        ladder = [(l, h) for l, h in LADDER
+                  if args.unet_layers_per_block in ("auto", str(l))
+                  and args.text_hidden_size in ("auto", str(h))]
+    else:
+        ladder = [(int(args.unet_layers_per_block), int(args.text_hidden_size))]
+    chosen = None
+    for lpb, hidden in ladder:
+        text_encoder, unet = build_models(lpb, hidden, args.seed, latent_size)
+        predicted = 4 * (n_params(text_encoder) + n_params(unet) + vae_params)
+        print(f"candidate unet layers_per_block={lpb}, text hidden={hidden}: "
+              f"unet {n_params(unet):,} + text {n_params(text_encoder):,} + vae {vae_params:,} params "
+              f"-> ~{predicted / 1e6:.1f} MB", flush=True)
+        if predicted <= budget:
+            chosen = (lpb, hidden, text_encoder, unet)
+            break
+    if chosen is None:
+        raise SystemExit(f"no configuration fits {args.max_mb} MB")
+    lpb, hidden, text_encoder, unet = chosen
+
+    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+    # Save to a temp sibling, then swap in, so an interrupted run never leaves half a folder.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            src = Path(args.tokenizer) / name
+            if src.exists() and not (tmp / "tokenizer" / name).exists():
+                shutil.copyfile(src, tmp / "tokenizer" / name)  # copyfile: not the read-only mode
+        for f in tmp.rglob("*"):  # save_pretrained writes weight files via mkstemp (mode 0600)
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    # ---- size check ----
+    sizes = weight_bytes(out)
+    total = sum(sizes.values())
+    files = [f for f in out.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)]
+    du_total = du_bytes(files)
+    for comp, b in sorted(sizes.items()):
+        print(f"  {comp:13s} {b / 1e6:6.2f} MB", flush=True)
+    print(f"  weights total {total / 1e6:.2f} MB ({total:,} bytes; du -cb: {du_total:,}), "
+          f"limit {args.max_mb} MB", flush=True)
+    if not all(f.suffix == ".safetensors" for f in files):
+        raise SystemExit(f"non-safetensors weight files: {files}")
+    if max(total, du_total or 0) > budget:
+        raise SystemExit(f"weights {total / 1e6:.2f} MB exceed the {args.max_mb} MB limit")
+
+    # ---- reload checks ----
+    saved_tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    assert len(saved_tok) == VOCAB_SIZE, f"saved tokenizer has {len(saved_tok)} tokens"
+    ids = saved_tok(args.prompt).input_ids
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID and len(ids) > 3, ids
+    assert ids == tokenizer(args.prompt).input_ids
+    assert saved_tok(REFERENCE_IDS[0]).input_ids == REFERENCE_IDS[1]
+    slow_only = Path(tempfile.mkdtemp(prefix="clip-tok-"))
+    try:  # the copied vocab/merges alone (no tokenizer.json) must give the same tokenizer
+        for name in TOKENIZER_FILES + ("tokenizer_config.json",):
+            shutil.copyfile(out / "tokenizer" / name, slow_only / name)
+        tok2 = CLIPTokenizer.from_pretrained(slow_only)
+        assert len(tok2) == VOCAB_SIZE and tok2(REFERENCE_IDS[0]).input_ids == REFERENCE_IDS[1]
+    finally:
+        shutil.rmtree(slow_only, ignore_errors=True)
+
+    loaded = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert loaded.safety_checker is None and loaded.feature_extractor is None
+    assert type(loaded.scheduler).__name__ == "DDPMScheduler", type(loaded.scheduler)
+    assert abs(loaded.vae.config.scaling_factor - vae.config.scaling_factor) < 1e-9
+    for name in ("unet", "text_encoder", "vae"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights changed on reload"
+    g = torch.Generator().manual_seed(args.seed)
+    res = loaded(args.prompt, num_inference_steps=2, height=64, width=64, generator=g,
+                 guidance_scale=7.5, output_type="np")
+    img = res.images
+    assert img.shape == (1, 64, 64, 3) and bool((img >= 0).all() and (img <= 1).all()), img.shape
+    print(f"2-step 64x64 generation ok: {img.shape}, mean {img.mean():.3f}", flush=True)
+
+    plain = StableDiffusionPipeline.from_pretrained(out)  # no torch_dtype
+    dtypes = {name: str(getattr(plain, name).dtype) for name in ("unet", "text_encoder", "vae")}
+    param_dtypes = {name: sorted({str(t.dtype) for t in getattr(plain, name).state_dict().values()
+                                  if t.is_floating_point()})
+                    for name in ("unet", "text_encoder", "vae")}
+    print(f"dtypes without torch_dtype: {dtypes} (all floating tensors: {param_dtypes})", flush=True)
+    assert all(v == ["torch.float32"] for v in param_dtypes.values()), param_dtypes
+
+    stats = {
+        "out": str(out),
+        "unet_layers_per_block": lpb,
+        "text_hidden_size": hidden,
+        "params": {"unet": n_params(unet), "text_encoder": n_params(text_encoder), "vae": vae_params},
+        "weight_mb": {k: round(v / 1e6, 3) for k, v in sorted(sizes.items())},
+        "weight_mb_total": round(total / 1e6, 3),
+        "weight_bytes_total_du": du_total,
+        "limit_mb": args.max_mb,
+        "vae_scaling_factor": vae.config.scaling_factor,
+        "latent_size": latent_size,
+        "tokenizer_vocab": len(saved_tok),
+        "dtypes_without_torch_dtype": dtypes,
+        "seed": args.seed,
+    }
+    stats_path = Path(args.stats) if args.stats else out.parent / "init_stats.json"
+    stats_path.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(stats, indent=2))
+
+
+if __name__ == "__main__":
+    main()

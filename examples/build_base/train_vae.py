@@ -1,0 +1,362 @@
+"""Train a small diffusers ``AutoencoderKL`` on the Noto emoji (64x64 RGB -> 16x16x4 latents).
+
+This is the first stage of building a small pretrained text-to-image base model: an SD-style
+KL autoencoder, trained from scratch with a short, self-contained loop.
+
+* Model: ``AutoencoderKL`` with 3 levels (``DownEncoderBlock2D`` x3 / ``UpDecoderBlock2D`` x3),
+  ``layers_per_block=1``, ``block_out_channels=(32, 64, 64)`` (about 0.95M parameters),
+  ``latent_channels=4``: two downsamples, so 64x64 pixels become 16x16x4 latents (factor 4).
+* Data: ALL images of ``--images`` (1,629 Noto emoji), composited on white with
+  ``adapt.images.load_rgb``, scaled to [-1, 1]; random horizontal flips.
+* Loss: MSE between the input and the decode of a latent *sampled* from the posterior, plus
+  ``--kl-weight`` (1e-6, as in SD's autoencoder) times the mean per-sample KL to N(0, I).
+* Optimiser: AdamW, linear warmup then cosine decay, batch ``--batch-size``. The cosine runs over
+  a progress fraction ``max(step / --steps, train_seconds / --max-train-seconds)``: on an idle
+  machine the run takes ``--steps`` steps; if the (shared, 2-core) machine is slower than expected
+  the schedule is compressed in time and training ends on time with the learning rate decayed, so
+  the wall-clock budget holds either way (``steps`` in the stats is the number actually taken).
+* Checkpoints every ``--ckpt-every`` steps to ``<out>/checkpoints/ckpt.pt`` (written to a temp
+  name, then ``os.replace``); re-running the same command resumes from it, so the script can be
+  started in the background with ``nohup`` and restarted after an interruption. The data order
+  is a function of (seed, epoch) and the RNG state and trained seconds are saved, so a resumed
+  run continues the same data order and schedule position.
+* After training: the std of the posterior means over the whole training set gives
+  ``scaling_factor = 1 / std`` (SD's 0.18215 is the same statistic), written into the VAE config;
+  the model is saved with ``save_pretrained(<out>/vae)`` (safetensors), and ``<out>/vae_stats.json``
+  records parameter count, steps, wall time, reconstruction PSNR (posterior mean, images in
+  [0, 1]) on the Noto images (training style) and on the Twemoji versions of the same files
+  (held-out style), and the scaling factor. A reconstruction grid (noto, recon, twemoji, recon)
+  is written to ``<out>/vae_recon.png``.
+
+``--measure N`` only times N training steps (no checkpoint, no output) so ``--steps`` can be
+chosen from the measured step time.
+
+Usage (from the repo root)::
+
+    PYTHONPATH=. python examples/build_base/train_vae.py --measure 5
+    PYTHONPATH=. nohup python examples/build_base/train_vae.py --steps 700 --max-train-seconds 720 \
+        --out outputs/base-build > outputs/base-build/vae.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # make `adapt` importable without PYTHONPATH
+    sys.path.insert(0, str(REPO_ROOT))
+
+from adapt.images import load_rgb, make_grid, save_image  # noqa: E402
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "emoji"
+CKPT_NAME = "ckpt.pt"
+
+
+def build_vae(block_out_channels=(32, 64, 64), norm_num_groups=32, sample_size=64):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
+def load_folder(folder: str | os.PathLike, files: list[str] | None = None, size: int = 64):
+    """Load images as a float tensor (N, 3, size, size) in [-1, 1]; returns (tensor, files)."""
+    folder = Path(folder)
+    if files is None:
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".png")
+    arrs = []
+    for name in files:
+        img = load_rgb(folder / name)
+        if img.size != (size, size):
+            img = img.resize((size, size), resample=3)  # bicubic
+        arrs.append(np.asarray(img, dtype=np.uint8))
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x.contiguous(), files
+
+
+def progress(step: int, total_steps: int, seconds: float, max_seconds: float) -> float:
+    """Training progress in [0, 1]: by steps or by wall time, whichever is further along."""
+    p = step / max(1, total_steps)
+    if max_seconds > 0:
+        p = max(p, seconds / max_seconds)
+    return min(1.0, p)
+
+
+def lr_factor(step: int, prog: float, warmup: int, min_ratio: float = 0.05) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` as prog -> 1."""
+    w = min(1.0, (step + 1) / max(1, warmup))
+    return w * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch for a global step: a fresh permutation per epoch, seeded by
+    (seed, epoch), so the order is reproducible and resumable; the last partial batch is dropped."""
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float):
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample()
+    rec = vae.decode(z).sample
+    mse = F.mse_loss(rec, x)
+    kl = posterior.kl().mean()  # summed over latent dims, averaged over the batch (as SD)
+    return mse + kl_weight * kl, mse, kl
+
+
+@torch.inference_mode()
+def encode_decode(vae, x: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means of ``x`` and their decodes (clamped to [-1, 1]), batch by batch."""
+    means, recs = [], []
+    for i in range(0, len(x), batch_size):
+        z = vae.encode(x[i:i + batch_size]).latent_dist.mean
+        means.append(z)
+        recs.append(vae.decode(z).sample.clamp(-1, 1))
+    return torch.cat(means), torch.cat(recs)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean per-image PSNR, PSNR of the pooled MSE) in dB, images in [-1, 1] mapped to [0, 1]."""
+    a, b = (x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean()), float(10 * torch.log10(1 / mse.mean()))
+
+
+def to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", default=str(DEFAULT_DATA / "noto"), help="training images")
+    p.add_argument("--heldout-images", default=str(DEFAULT_DATA / "twemoji"),
+                   help="same file names in another style, for held-out-style PSNR")
+    p.add_argument("--out", default=str(REPO_ROOT / "outputs" / "base-build"),
+                   help="writes <out>/vae, <out>/vae_stats.json, <out>/checkpoints")
+    p.add_argument("--steps", type=int, default=700,
+                   help="planned steps (~1 s/step with 2 threads on an idle 2-core machine)")
+    p.add_argument("--max-train-seconds", type=float, default=720,
+                   help="wall-clock cap on the training loop (0 = none); see the schedule note")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--block-out-channels", default="32,64,64")
+    p.add_argument("--norm-num-groups", type=int, default=32)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-flip", action="store_true", help="disable random horizontal flips")
+    p.add_argument("--measure", type=int, default=0,
+                   help="only time this many training steps, write nothing, and exit")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--eval-images", type=int, default=0,
+                   help="use only the first N images for the scaling factor and PSNR "
+                        "(0 = all; a smaller number is for quick smoke tests)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+
+    out = Path(args.out)
+    ckpt_path = out / "checkpoints" / CKPT_NAME
+    boc = tuple(int(c) for c in args.block_out_channels.split(","))
+
+    x_all, files = load_folder(args.images)
+    print(f"loaded {len(x_all)} training images from {args.images} in {time.time() - t_start:.1f}s",
+          flush=True)
+    if len(x_all) < args.batch_size:
+        raise SystemExit(f"need at least --batch-size={args.batch_size} images")
+
+    vae = build_vae(boc, args.norm_num_groups, sample_size=x_all.shape[-1])
+    n_params = sum(p.numel() for p in vae.parameters())
+    print(f"AutoencoderKL block_out_channels={boc}: {n_params:,} parameters", flush=True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            betas=(0.9, 0.99))
+
+    step, elapsed_before = 0, 0.0
+    if ckpt_path.exists() and not args.fresh and not args.measure:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck["args"]["steps"] != args.steps or ck["args"]["block_out_channels"] != args.block_out_channels:
+            raise SystemExit(f"{ckpt_path} was made with different --steps/--block-out-channels; "
+                             "pass --fresh to start over")
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
+        step, elapsed_before = ck["step"], ck["train_seconds"]
+        print(f"resumed from {ckpt_path} at step {step} ({elapsed_before:.0f}s trained)", flush=True)
+
+    total = args.measure or args.steps
+    vae.train()
+    t_loop = time.time()
+    run_mse = run_kl = 0.0
+    n_run = 0
+
+    def save_ckpt():
+        atomic_torch_save({
+            "model": vae.state_dict(), "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(), "step": step,
+            "train_seconds": elapsed_before + time.time() - t_loop, "args": vars(args),
+        }, ckpt_path)
+
+    lr = args.lr
+    while True:
+        seconds = elapsed_before + time.time() - t_loop
+        prog = progress(step, total, seconds, 0 if args.measure else args.max_train_seconds)
+        if prog >= 1.0:
+            break
+        lr = args.lr * lr_factor(step, prog, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(len(x_all), args.batch_size, step, args.seed)
+        x = x_all[idx]
+        if not args.no_flip:
+            flip = torch.rand(len(x)) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        loss, mse, kl = vae_loss(vae, x, args.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run_mse += mse.item()
+        run_kl += kl.item()
+        n_run += 1
+        if args.measure:
+            dt = time.time() - t_loop
+            print(f"step {step}: loss {loss.item():.4f}  {dt / step:.2f}s/step avg", flush=True)
+            continue
+        if step % args.log_every == 0:
+            dt = elapsed_before + time.time() - t_loop
+            m = run_mse / n_run
+            print(f"step {step}/{total}  mse {m:.5f} (~{10 * math.log10(4 / m):.1f} dB)  "
+                  f"kl {run_kl / n_run:.1f}  lr {lr:.2e}  {dt:.0f}s ({dt / step:.2f}s/step)", flush=True)
+            run_mse = run_kl = 0.0
+            n_run = 0
+        if step % args.ckpt_every == 0:
+            save_ckpt()
+
+    if args.measure:
+        print(f"measured {step} steps in {time.time() - t_loop:.1f}s", flush=True)
+        return
+    if step % args.ckpt_every:
+        save_ckpt()  # final state, so a re-run after a crash during export skips training
+    train_seconds = elapsed_before + time.time() - t_loop
+    print(f"training done: {step} steps in {train_seconds:.0f}s", flush=True)
+
+    # ---- evaluation, scaling factor, export ----
+    vae.eval()
+    t_eval = time.time()
+    n_eval = min(len(x_all), args.eval_images or len(x_all))
+    x_eval, eval_files = x_all[:n_eval], files[:n_eval]
+    means, rec = encode_decode(vae, x_eval)
+    std = float(means.std())
+    scaling_factor = 1.0 / std
+    vae.register_to_config(scaling_factor=scaling_factor)
+    psnr_noto, psnr_noto_pooled = psnr(rec, x_eval)
+    x_held, _ = load_folder(args.heldout_images, eval_files)
+    _, rec_held = encode_decode(vae, x_held)
+    psnr_held, psnr_held_pooled = psnr(rec_held, x_held)
+
+    vae_dir = out / "vae"
+    vae.save_pretrained(vae_dir, safe_serialization=True)
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(n_eval, generator=g)[:16]
+    tiles = []
+    for i in pick.tolist():
+        tiles += [to_pil(x_eval[i]), to_pil(rec[i]), to_pil(x_held[i]), to_pil(rec_held[i])]
+    save_image(make_grid(tiles, cols=8), out / "vae_recon.png")
+    # adapt.images.save_image and diffusers' save_pretrained write via mkstemp (mode 0600)
+    for f in [out / "vae_recon.png", *vae_dir.iterdir()]:
+        os.chmod(f, 0o644)
+
+    stats = {
+        "parameters": n_params,
+        "block_out_channels": list(boc),
+        "steps": step,
+        "planned_steps": args.steps,
+        "max_train_seconds": args.max_train_seconds,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "kl_weight": args.kl_weight,
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(time.time() - t_eval, 1),
+        "wall_seconds_this_run": round(time.time() - t_start, 1),
+        "psnr_noto_db": round(psnr_noto, 2),
+        "psnr_noto_pooled_db": round(psnr_noto_pooled, 2),
+        "psnr_twemoji_db": round(psnr_held, 2),
+        "psnr_twemoji_pooled_db": round(psnr_held_pooled, 2),
+        "latent_mean_std": round(std, 5),
+        "latent_mean_mean": round(float(means.mean()), 5),
+        "scaling_factor": round(scaling_factor, 5),
+        "latent_shape": list(means.shape[1:]),
+        "n_train_images": len(x_all),
+        "n_eval_images": n_eval,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
+    atomic_write_text(json.dumps(stats, indent=2) + "\n", out / "vae_stats.json")
+    print(json.dumps(stats, indent=2), flush=True)
+    print(f"saved {vae_dir} and {out / 'vae_stats.json'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
