@@ -17,6 +17,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file gets the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -41,6 +42,7 @@ def atomic_dir(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.is_dir():
@@ -65,3 +67,9 @@ def _disk_full(error: BaseException, path: Path) -> None:
 
         raise AdaptError(f"no space left on the device while writing {path}; nothing was replaced. "
                          "Free some space (or choose another --output) and run again (--resume latest continues a run)") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

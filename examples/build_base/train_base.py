@@ -69,8 +69,11 @@ def main(argv=None) -> None:
         keep_checkpoints=1, resume=resume,
     )
     components = load_components(a.init)
+    keys = ("steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay",
+            "max_grad_norm", "mixed_precision", "gradient_checkpointing", "cache_latents", "cache_text", "caption_dropout",
+            "seed", "checkpoint_every", "keep_checkpoints")
     recipe = {"method": "base-build", "images": len(examples), "resolution": components.resolution,
-              "train": {k: v for k, v in vars(cfg).items() if k != "resume"}}
+              "train": {k: getattr(cfg, k) for k in keys}}
     t0 = time.perf_counter()
     result = train(components, FullMethod(train_text_encoder=True), examples, cfg,
                    out if not a.measure else BUILD / "measure", resolution=components.resolution, recipe=recipe)
