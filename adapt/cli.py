@@ -226,10 +226,18 @@ def _train(method_name: str, options: dict) -> None:
     from . import __version__
     from .config import build, read_recipe, to_dict
 
+    from .models import model_defaults, resolve_model
+
     recipe = read_recipe(options["recipe"]) if options.get("recipe") else None
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
     cfgs = {s: build(s, recipe, flags) for s in METHODS[method_name] if s != "train"}
-    cfgs["train"] = build("train", recipe, flags, _method_defaults(cfgs))
+    model = options.get("model")
+    suggested = {} if (cfgs.get("dreambooth") and cfgs["dreambooth"].lora) else \
+        model_defaults(resolve_model(model)).get(method_name, {})
+    cfgs["train"] = build("train", recipe, flags, {**_method_defaults(cfgs), **suggested})
+    if suggested:
+        log.info("the model suggests %s for %s (its adapt.json); flags and recipes override",
+                 ", ".join(f"{k}={v}" for k, v in suggested.items()), method_name)
     data, train_cfg, db, ti = cfgs["data"], cfgs["train"], cfgs.get("dreambooth"), cfgs.get("textual_inversion")
     template = data.prompt
     if ti is not None:
@@ -260,7 +268,7 @@ def _train(method_name: str, options: dict) -> None:
     from accelerate import PartialState
 
     from .data import check_images, dataset_examples, instance_examples
-    from .models import native_resolution, resolve_model
+    from .models import native_resolution
 
     # Under a launcher, the first PartialState fixes the distributed setup for the process; on CPU
     # that needs cpu=True (accelerate's multi-CPU mode, which Accelerator reads from the same variable).
@@ -272,7 +280,6 @@ def _train(method_name: str, options: dict) -> None:
         else:
             examples = instance_examples(data.images, data.token, template, data.class_word)
         log.info("%d images from %s; e.g. prompt: %r", len(examples), data.dataset or data.images, examples[0].prompt)
-        model = options.get("model")
         resolution = data.resolution or native_resolution(resolve_model(model))
         examples = check_images(examples, resolution, data.skip_bad_images)
         if db is not None and db.prior_preservation:
@@ -430,6 +437,14 @@ def _loras(specs: list[str] | None) -> list[tuple[str, float]]:
     return loras
 
 
+def _guidance(model: str | None, guidance: float | None) -> float:
+    from .models import model_defaults, resolve_model
+
+    if guidance is not None:
+        return guidance
+    return float(model_defaults(resolve_model(None if model in (None, "bundled") else model)).get("guidance", 7.5))
+
+
 Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
 AllowPickle = Annotated[bool, typer.Option(help="Also read pickle LoRA/embedding files (.pt/.bin/.ckpt), tensors only, with a warning. Only for files you trust.")]
 Embedding = Annotated[Optional[List[str]], typer.Option(help="Textual-inversion embedding (diffusers or A1111 safetensors), FILE[:TOKEN] to rename; repeatable.")]
@@ -445,7 +460,7 @@ def _embeddings(specs: list[str] | None) -> list[tuple[str, str | None]]:
     return out
 Scheduler = Annotated[str, typer.Option(help="Sampler name; `adapt schedulers` lists them.")]
 SampleSteps = Annotated[int, typer.Option(help="Denoising steps.")]
-Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")]
+Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = off). Default: the model's adapt.json, else 7.5.", show_default=False)]
 Size = Annotated[Optional[int], typer.Option(help="Image size in pixels. Default: the model's native size.")]
 
 
@@ -461,7 +476,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
              fuse: Annotated[bool, typer.Option(help="Fuse the LoRAs into the weights before sampling (faster; same images within float tolerance).")] = False,
              allow_pickle: AllowPickle = False,
-             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
+             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = None,
              negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
              num_images: Annotated[int, typer.Option(help="How many images.")] = 1,
@@ -474,6 +489,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
     from .infer import generate as render, load_pipeline, write_images
 
     pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings, fuse=fuse, allow_pickle=allow_pickle)
+    guidance = _guidance(model, guidance)
     seeds = [seed + i for i in range(num_images)]
     images = render(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance,
                     negative_prompt=negative_prompt, size=size)
@@ -513,7 +529,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
              compare_model: Annotated[Optional[str], typer.Option(help="Second model for drift and comparison; 'bundled' = the bundled base.")] = None,
              compare_lora: Annotated[Optional[List[str]], typer.Option(help="LoRA(s) for the compare model, FILE[:WEIGHT].")] = None,
-             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = 7.5,
+             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = None,
              seed: Annotated[int, typer.Option(help="Seed of the first prompt; prompt i uses seed+i unless its line sets one.")] = 0,
              size: Size = None,
              batch_size: Annotated[int, typer.Option(help="Images rendered at once.")] = 8,
@@ -539,6 +555,8 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
     out = output or Path("outputs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
 
     from .infer import generate as render, load_pipeline
+
+    guidance = _guidance(model, guidance)
 
     def renderer(model_name, lora_list, embedding_list=()):
         pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,

@@ -24,6 +24,23 @@ REQUIRED = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 REQUIRED_SDXL = REQUIRED + ("tokenizer_2", "text_encoder_2")
 
 
+_SAID: set = set()  # the bundled-model line is said once per process
+DEFAULTS_FILE = "adapt.json"
+
+
+def model_defaults(path: Path) -> dict:
+    """Settings a model folder recommends (`adapt.json`): {"guidance": float, "<method>": {train
+    option: value}}. They sit above adapt's own defaults and below recipes and flags; a tiny model
+    needs other learning rates and guidance than SD 1.5, and says so here."""
+    file = Path(path) / DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise AdaptError(f"{file} is not valid JSON ({e}); fix or remove it") from None
+
+
 def resolve_model(model: str | None) -> Path:
     """A diffusers pipeline folder for `model`: the bundled base when None, a local folder, or a
     hub id that is already in the local Hugging Face cache (nothing is downloaded)."""
@@ -31,7 +48,9 @@ def resolve_model(model: str | None) -> Path:
         if not (BUNDLED_MODEL / "model_index.json").is_file():
             raise AdaptError(f"no --model given and the bundled base model is missing at {BUNDLED_MODEL}; "
                              "pass --model PATH to a diffusers Stable Diffusion folder")
-        log.info("using the bundled emoji base model (%s); pass --model to use another", BUNDLED_MODEL)
+        if not _SAID:
+            log.info("using the bundled emoji base model (%s); pass --model to use another", BUNDLED_MODEL)
+            _SAID.add(BUNDLED_MODEL)
         return BUNDLED_MODEL
     path = Path(model).expanduser()
     if path.exists():
