@@ -107,6 +107,9 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False) 
 
     if not loras:
         return
+    # A canonical order: adapters are summed one after the other, and float addition is not
+    # associative, so this is what makes the order of --lora flags not matter, bit for bit.
+    loras = sorted(loras, key=lambda lw: (str(Path(lw[0]).resolve()), lw[1]))
     names, weights = [], []
     tmp = tempfile.TemporaryDirectory()
     for i, (path, weight) in enumerate(loras):
