@@ -86,47 +86,58 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 
 # --- options shared by the training commands (help text comes from adapt/config.py) -------------
+def _opt(section: str, name: str, kind):
+    """An optional --name option whose help (and default, shown) come from the config field."""
+    return Annotated[Optional[List[str] if kind is list else kind], typer.Option(help=H(section, name))]
+
+
+def _switch(section: str, name: str):
+    """A --name/--no-name switch; None when not given, so a recipe's value can stand."""
+    flag = name.replace("_", "-")
+    return Annotated[Optional[bool], typer.Option(f"--{flag}/--no-{flag}", help=H(section, name), show_default=False)]
+
+
 Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers folder or a cached hub id. Default: the bundled emoji base model.")]
 Output = Annotated[Optional[Path], typer.Option(help="Run folder. Default: outputs/<method>-<timestamp>.")]
 Recipe = Annotated[Optional[Path], typer.Option(help="TOML recipe: [data] [lora] [dreambooth] [train] sections of option defaults; flags override it.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace a finished run already in --output.")]
-Images = Annotated[Optional[Path], typer.Option(help=H("data", "images"))]
-Token = Annotated[Optional[str], typer.Option(help=H("data", "token"))]
-Prompt = Annotated[Optional[str], typer.Option(help=H("data", "prompt"))]
-ClassWord = Annotated[Optional[str], typer.Option(help=H("data", "class_word"))]
-Resolution = Annotated[Optional[int], typer.Option(help=H("data", "resolution"))]
-RandomFlip = Annotated[Optional[bool], typer.Option("--random-flip/--no-random-flip", help=H("data", "random_flip"), show_default=False)]
-Steps = Annotated[Optional[int], typer.Option(help=H("train", "steps"))]
-BatchSize = Annotated[Optional[int], typer.Option(help=H("train", "batch_size"))]
-GradAccum = Annotated[Optional[int], typer.Option(help=H("train", "grad_accum"))]
-Lr = Annotated[Optional[float], typer.Option(help=H("train", "lr"))]
-LrScheduler = Annotated[Optional[str], typer.Option(help=H("train", "lr_scheduler"))]
-Warmup = Annotated[Optional[int], typer.Option(help=H("train", "warmup_steps"))]
-Optimizer = Annotated[Optional[str], typer.Option(help=H("train", "optimizer"))]
-MaxGradNorm = Annotated[Optional[float], typer.Option(help=H("train", "max_grad_norm"))]
-Precision = Annotated[Optional[str], typer.Option(help=H("train", "mixed_precision"))]
-GradCkpt = Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=H("train", "gradient_checkpointing"), show_default=False)]
-CacheLatents = Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help=H("train", "cache_latents"), show_default=False)]
-CacheText = Annotated[Optional[bool], typer.Option("--cache-text/--no-cache-text", help=H("train", "cache_text"), show_default=False)]
-Seed = Annotated[Optional[int], typer.Option(help=H("train", "seed"))]
-CaptionDropout = Annotated[Optional[float], typer.Option(help=H("train", "caption_dropout"))]
-CheckpointEvery = Annotated[Optional[int], typer.Option(help=H("train", "checkpoint_every"))]
-KeepCheckpoints = Annotated[Optional[int], typer.Option(help=H("train", "keep_checkpoints"))]
-Resume = Annotated[Optional[str], typer.Option(help=H("train", "resume"))]
-SkipBad = Annotated[Optional[bool], typer.Option("--skip-bad-images/--no-skip-bad-images", help=H("data", "skip_bad_images"), show_default=False)]
-SkipNonfinite = Annotated[Optional[bool], typer.Option("--skip-nonfinite/--no-skip-nonfinite", help=H("train", "skip_nonfinite"), show_default=False)]
-Buckets = Annotated[Optional[bool], typer.Option("--buckets/--no-buckets", help=H("data", "buckets"), show_default=False)]
-BucketStep = Annotated[Optional[int], typer.Option(help=H("data", "bucket_step"))]
-Dataset = Annotated[Optional[str], typer.Option(help=H("data", "dataset"))]
-ImageColumn = Annotated[Optional[str], typer.Option(help=H("data", "image_column"))]
-CaptionColumn = Annotated[Optional[str], typer.Option(help=H("data", "caption_column"))]
-SnrGamma = Annotated[Optional[float], typer.Option(help=H("train", "snr_gamma"))]
-NoiseOffset = Annotated[Optional[float], typer.Option(help=H("train", "noise_offset"))]
-LogWith = Annotated[Optional[str], typer.Option(help=H("train", "log_with"))]
-ValidationPrompt = Annotated[Optional[List[str]], typer.Option(help=H("train", "validation_prompt"))]
-ValidationEvery = Annotated[Optional[int], typer.Option(help=H("train", "validation_every"))]
-ValidationSteps = Annotated[Optional[int], typer.Option(help=H("train", "validation_steps"))]
-NumProcesses = Annotated[Optional[int], typer.Option(help=H("train", "num_processes"))]
+Images = _opt("data", "images", Path)
+Token = _opt("data", "token", str)
+Prompt = _opt("data", "prompt", str)
+ClassWord = _opt("data", "class_word", str)
+Resolution = _opt("data", "resolution", int)
+RandomFlip = _switch("data", "random_flip")
+Steps = _opt("train", "steps", int)
+BatchSize = _opt("train", "batch_size", int)
+GradAccum = _opt("train", "grad_accum", int)
+Lr = _opt("train", "lr", float)
+LrScheduler = _opt("train", "lr_scheduler", str)
+Warmup = _opt("train", "warmup_steps", int)
+Optimizer = _opt("train", "optimizer", str)
+MaxGradNorm = _opt("train", "max_grad_norm", float)
+Precision = _opt("train", "mixed_precision", str)
+GradCkpt = _switch("train", "gradient_checkpointing")
+CacheLatents = _switch("train", "cache_latents")
+CacheText = _switch("train", "cache_text")
+Seed = _opt("train", "seed", int)
+CaptionDropout = _opt("train", "caption_dropout", float)
+CheckpointEvery = _opt("train", "checkpoint_every", int)
+KeepCheckpoints = _opt("train", "keep_checkpoints", int)
+Resume = _opt("train", "resume", str)
+SkipBad = _switch("data", "skip_bad_images")
+SkipNonfinite = _switch("train", "skip_nonfinite")
+Buckets = _switch("data", "buckets")
+BucketStep = _opt("data", "bucket_step", int)
+Dataset = _opt("data", "dataset", str)
+ImageColumn = _opt("data", "image_column", str)
+CaptionColumn = _opt("data", "caption_column", str)
+SnrGamma = _opt("train", "snr_gamma", float)
+NoiseOffset = _opt("train", "noise_offset", float)
+LogWith = _opt("train", "log_with", str)
+ValidationPrompt = _opt("train", "validation_prompt", list)
+ValidationEvery = _opt("train", "validation_every", int)
+ValidationSteps = _opt("train", "validation_steps", int)
+NumProcesses = _opt("train", "num_processes", int)
 LoraFormat = Annotated[Optional[str], typer.Option("--format", help=H("lora", "format"))]
 
 
@@ -296,9 +307,9 @@ def _train(method_name: str, options: dict) -> None:
     log.info("training %s for %d steps at %d px -> %s", method_name, train_cfg.steps, resolution, out)
     result = train(components, method, examples, train_cfg, out, resolution=resolution, random_flip=data.random_flip,
                    bucket_step=data.bucket_step if data.buckets else None, recipe=run_recipe)
-    losses = result["losses"]
-    log.info("done in %.0f s: loss %.4f -> %.4f (mean of last 10%%); wrote %s", result["seconds"], losses[0],
-             sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10), out)
+    losses, k = result["losses"], max(1, len(result["losses"]) // 10)
+    log.info("done in %.0f s: loss %.4f -> %.4f (mean of the first and last 10%% of steps); wrote %s", result["seconds"],
+             sum(losses[:k]) / k, sum(losses[-k:]) / k, out)
 
 
 @app.command(help="""Train a LoRA on the UNet's attention (Q,K by default) for a concept in a folder of images.
@@ -313,10 +324,10 @@ def lora(images: Images = None, token: Token = None, model: Model = None, output
          prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
          buckets: Buckets = None, bucket_step: BucketStep = None, dataset: Dataset = None, image_column: ImageColumn = None,
          caption_column: CaptionColumn = None,
-         rank: Annotated[Optional[int], typer.Option(help=H("lora", "rank"))] = None,
-         alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha"))] = None,
-         targets: Annotated[Optional[str], typer.Option(help=H("lora", "targets"))] = None,
-         train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help=H("lora", "train_text_encoder"), show_default=False)] = None,
+         rank: _opt("lora", "rank", int) = None,
+         alpha: _opt("lora", "alpha", float) = None,
+         targets: _opt("lora", "targets", str) = None,
+         train_text_encoder: _switch("lora", "train_text_encoder") = None,
          format: LoraFormat = None,
          steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None, lr: Lr = None,
          lr_scheduler: LrScheduler = None, warmup_steps: Warmup = None, optimizer: Optimizer = None,
@@ -352,14 +363,14 @@ def dreambooth(images: Images = None, token: Token = None, model: Model = None, 
                prompt: Prompt = None, class_word: ClassWord = None, resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
          buckets: Buckets = None, bucket_step: BucketStep = None, dataset: Dataset = None, image_column: ImageColumn = None,
          caption_column: CaptionColumn = None,
-               prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help=H("dreambooth", "prior_preservation"), show_default=False)] = None,
-               class_prompt: Annotated[Optional[str], typer.Option(help=H("dreambooth", "class_prompt"))] = None,
-               num_class_images: Annotated[Optional[int], typer.Option(help=H("dreambooth", "num_class_images"))] = None,
-               prior_loss_weight: Annotated[Optional[float], typer.Option(help=H("dreambooth", "prior_loss_weight"))] = None,
-               class_images: Annotated[Optional[Path], typer.Option(help=H("dreambooth", "class_images"))] = None,
-               class_scheduler: Annotated[Optional[str], typer.Option(help=H("dreambooth", "class_scheduler"))] = None,
-               class_steps: Annotated[Optional[int], typer.Option(help=H("dreambooth", "class_steps"))] = None,
-               train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help=H("dreambooth", "train_text_encoder"), show_default=False)] = None,
+               prior_preservation: _switch("dreambooth", "prior_preservation") = None,
+               class_prompt: _opt("dreambooth", "class_prompt", str) = None,
+               num_class_images: _opt("dreambooth", "num_class_images", int) = None,
+               prior_loss_weight: _opt("dreambooth", "prior_loss_weight", float) = None,
+               class_images: _opt("dreambooth", "class_images", Path) = None,
+               class_scheduler: _opt("dreambooth", "class_scheduler", str) = None,
+               class_steps: _opt("dreambooth", "class_steps", int) = None,
+               train_text_encoder: _switch("dreambooth", "train_text_encoder") = None,
                lora: Annotated[Optional[bool], typer.Option("--lora/--full", help=H("dreambooth", "lora"), show_default=False)] = None,
                rank: Annotated[Optional[int], typer.Option(help=H("lora", "rank") + " (with --lora)")] = None,
                alpha: Annotated[Optional[float], typer.Option(help=H("lora", "alpha") + " (with --lora)")] = None,
@@ -394,11 +405,11 @@ Example:
 @user_errors
 def textual_inversion(images: Images = None, token: Token = None, model: Model = None, output: Output = None,
                       recipe: Recipe = None, overwrite: Overwrite = False,
-                      init_token: Annotated[Optional[str], typer.Option(help=H("textual_inversion", "init_token"))] = None,
-                      num_vectors: Annotated[Optional[int], typer.Option(help=H("textual_inversion", "num_vectors"))] = None,
+                      init_token: _opt("textual_inversion", "init_token", str) = None,
+                      num_vectors: _opt("textual_inversion", "num_vectors", int) = None,
                       property: Annotated[Optional[str], typer.Option("--property", help=H("textual_inversion", "property"))] = None,
                       format: Annotated[Optional[str], typer.Option("--format", help=H("textual_inversion", "format"))] = None,
-                      scale_lr: Annotated[Optional[bool], typer.Option("--scale-lr/--no-scale-lr", help=H("textual_inversion", "scale_lr"), show_default=False)] = None,
+                      scale_lr: _switch("textual_inversion", "scale_lr") = None,
                       prompt: Annotated[Optional[str], typer.Option(help="One prompt template instead of the --property templates; {token} is filled in.")] = None,
                       resolution: Resolution = None, random_flip: RandomFlip = None, skip_bad_images: SkipBad = None,
          buckets: Buckets = None, bucket_step: BucketStep = None, dataset: Dataset = None, image_column: ImageColumn = None,

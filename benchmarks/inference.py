@@ -4,8 +4,9 @@
    0, 1 and 3 LoRAs (rank 4 on every attention Q/K/V/out, random weights), applied as adapters or
    fused into the weights (`--fuse`); each configuration timed twice, the best time kept.
 2. Scheduler quality vs steps: eval fidelity (retrieval top-1 / top-5 of the intended emoji among
-   the references, adapt's feature space) over the first --captions training captions, for ddpm,
-   euler-a and dpm++2m-karras at 10, 20 and 50 steps.
+   the references, adapt's feature space) and the mean distance of each image to its own reference
+   over the first --captions training captions, for ddpm, euler-a and dpm++2m-karras at 10, 20
+   and 50 steps.
 
     python benchmarks/inference.py --refs ../shared/data/emoji/noto
 """
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
 
+    import numpy as np
     import torch
 
     from adapt.evaluate import features, retrieval
@@ -73,15 +75,17 @@ def main() -> None:
     rows = [json.loads(line) for line in (BUNDLED_MODEL / "training_set.jsonl").read_text().splitlines()][:a.captions]
     refs = features([Path(a.refs) / r["file"] for r in rows])
     print(f"\nfidelity over {len(rows)} training captions (chance top-1 {1 / len(rows):.3f}, top-5 {5 / len(rows):.3f})")
-    print("scheduler        steps  top-1  top-5  seconds")
+    print("scheduler        steps  top-1  top-5  dist to own ref  seconds")
     for name in ("ddpm", "euler-a", "dpm++2m-karras"):
         pipe = load_pipeline(None, name)
         for steps in (10, 20, 50):
             start = time.perf_counter()
             images = generate(pipe, [r["caption"] for r in rows], list(range(len(rows))), steps=steps, guidance=7.5,
                               batch_size=20)
-            fid = retrieval(features(images), refs, list(range(len(rows))))
-            print(f"{name:<16} {steps:>5}  {fid['top1']:.3f}  {fid['top5']:.3f}  {time.perf_counter() - start:7.1f}")
+            feats = features(images)
+            fid = retrieval(feats, refs, list(range(len(rows))))
+            own = float(np.linalg.norm(feats - refs, axis=1).mean())  # finer than retrieval once that saturates
+            print(f"{name:<16} {steps:>5}  {fid['top1']:.3f}  {fid['top5']:.3f}  {own:15.3f}  {time.perf_counter() - start:7.1f}")
 
 
 if __name__ == "__main__":

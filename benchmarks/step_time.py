@@ -85,7 +85,7 @@ def measure(model: str, mode: str, steps: int, resolution: int, threads: int) ->
         params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         g = torch.Generator().manual_seed(0)
-        lat = res // 8
+        lat = res // 2 ** (len(c.vae.config.block_out_channels) - 1)  # the VAE's downsampling
         latents = torch.randn(1, 4, lat, lat, generator=g)
         noise = torch.randn(1, 4, lat, lat, generator=g)
         hidden = torch.randn(1, 77, c.text_encoder.config.hidden_size, generator=g)

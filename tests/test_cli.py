@@ -44,6 +44,8 @@ def test_help_and_argument_errors_do_not_import_torch(argv, code):
 @pytest.mark.parametrize("argv,message", [
     (["lora", "--token", "<sks>", "--images", "/no/such/folder"], "does not exist"),
     (["lora", "--images", "IMAGES"], "no token"),
+    (["lora", "--images", "IMAGES", "--token", " "], "the token is empty"),
+    (["lora", "--images", "IMAGES", "--token", "<my token>"], "contains whitespace"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--model", "/no/such/model"], "does not exist"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--optimizer", "sgd"], "choose one of: adamw, adamw8bit"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--mixed-precision", "fp8"], "choose one of: no, fp16, bf16"),
