@@ -150,3 +150,24 @@ def test_recipe_values_are_defaults_flags_override(tmp_path):
     path.write_text("[train]\nstepz = 7\n")
     with pytest.raises(Exception, match="unknown key 'stepz'"):
         read_recipe(path)
+
+
+def test_model_recommended_settings_sit_below_recipes_and_flags(tiny_model, concept_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "adapt.json").write_text(json.dumps({"guidance": 2.0, "lora": {"lr": 0.02, "steps": 2}}))
+    common = ["lora", "--images", concept_dir, "--token", "<sks>", "--model", model]
+    assert run(*common, "--output", tmp_path / "a")[0] == 0
+    train = json.loads((tmp_path / "a" / "recipe.json").read_text())["train"]
+    assert (train["lr"], train["steps"]) == (0.02, 2)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nlr = 0.005\n")
+    assert run(*common, "--recipe", recipe, "--steps", "1", "--output", tmp_path / "b")[0] == 0
+    train = json.loads((tmp_path / "b" / "recipe.json").read_text())["train"]
+    assert (train["lr"], train["steps"]) == (0.005, 1)
+    code, log = run("generate", "x", "--model", model, "--steps", "1", "--output", tmp_path / "g")
+    assert code == 0 and json.loads((tmp_path / "g" / "generation.json").read_text())["guidance"] == 2.0
+    code, log = run("generate", "x", "--model", model, "--steps", "1", "--guidance", "5", "--output", tmp_path / "h")
+    assert json.loads((tmp_path / "h" / "generation.json").read_text())["guidance"] == 5.0
