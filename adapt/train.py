@@ -405,9 +405,11 @@ def _metric_rows(path: Path, upto: int) -> list[dict]:
 
 
 def _without_run_keys(recipe: dict) -> dict:
-    """The parts of a recipe that must match to resume: all but the run length and resume flags."""
+    """The parts of a recipe that must match to resume: all but the run length, checkpointing,
+    logging and validation settings (they do not change what is learned)."""
     out = json.loads(json.dumps(recipe))
-    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints"):
+    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "skip_nonfinite", "log_with",
+                "validation_prompt", "validation_every", "validation_steps"):
         out.get("train", {}).pop(key, None)
     return out
 
