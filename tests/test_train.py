@@ -198,3 +198,19 @@ def test_resume_from_checkpoint_continues_exactly(tiny_model, concept_dir, tmp_p
     with pytest.raises(AdaptError, match="another recipe"):
         train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg, resume="latest"),
               tmp_path / "b", resolution=16, random_flip=True, recipe={"r": 2}, progress=False)
+
+
+def test_components_come_back_frozen_in_eval_mode_with_the_asked_dtype(tiny_model):
+    c = load_components(tiny_model, dtype=torch.bfloat16)
+    for m in (c.unet, c.vae, c.text_encoder):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and {p.device.type for p in m.parameters()} == {"cpu"}
+
+
+def test_8bit_optimizer_that_cannot_load_is_a_clear_error(tiny_model, concept_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without a working build
+    with pytest.raises(AdaptError, match="--optimizer adamw8bit needs a working bitsandbytes.*--optimizer adamw"):
+        train(load_components(tiny_model), LoraMethod(LoraConfig()), instance_examples(concept_dir, "<sks>", "x"),
+              TrainConfig(steps=1, optimizer="adamw8bit"), tmp_path, resolution=16, progress=False)
