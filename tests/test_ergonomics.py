@@ -186,3 +186,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model, 
     assert len(lb) == 5 and np.allclose(la, lb, rtol=1e-5)  # one line per step: only the main process writes
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert json.loads((tmp_path / "two" / "recipe.json").read_text())["train"]["num_processes"] == 2
+
+
+def test_images_folder_captions_from_txt_or_metadata_jsonl(concept_dir, tmp_path):
+    import shutil
+
+    from adapt.data import instance_examples
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(concept_dir, folder)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "img0.png", "text": "a {token} from jsonl"}) + "\n")
+    (folder / "img1.txt").write_text("a {token} from txt\n")
+    prompts = {e.image.name: e.prompt for e in instance_examples(folder, "<t>", "a photo of {token}")}
+    assert prompts == {"img0.png": "a <t> from jsonl", "img1.png": "a <t> from txt", "img2.png": "a photo of <t>"}
+    (folder / "metadata.jsonl").write_text("{not json\n")
+    with pytest.raises(AdaptError, match="metadata.jsonl line 1"):
+        instance_examples(folder, "<t>", "x")
