@@ -160,3 +160,24 @@ def test_embedding_for_the_wrong_architecture_is_a_clear_error(sdxl, tmp_path):
     save_file({"<x>": torch.zeros(1, 32)}, str(sd_file))
     with pytest.raises(AdaptError, match="one text encoder .* not for this model"):
         load_pipeline(str(sdxl), "euler", embeddings=[(str(sd_file), None)])
+
+
+def test_sdxl_caches_train_like_no_cache_and_leave_the_base_bit_identical(sdxl, concept_dir, tmp_path):
+    from adapt.config import LoraConfig, TrainConfig
+    from adapt.data import instance_examples
+    from adapt.methods.lora import LoraMethod
+    from adapt.train import train
+
+    ex = instance_examples(concept_dir, "<sks>", "a photo of {token}")
+    runs = {}
+    for cache in (True, False):
+        c = load_components(str(sdxl))
+        before = {n: {k: v.clone() for k, v in getattr(c, n).state_dict().items()} for n in ("unet", "text_encoder_2")}
+        cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, cache_latents=cache, cache_text=cache)
+        runs[cache] = train(c, LoraMethod(LoraConfig()), ex, cfg, tmp_path / str(cache), resolution=16, progress=False)["losses"]
+        if not cache:  # encoders stay in memory without caching: every base weight is unchanged
+            unet = {k.replace(".base_layer", ""): v for k, v in c.unet.state_dict().items() if "lora_" not in k}
+            assert all(torch.equal(unet[k], v) for k, v in before["unet"].items())
+            te2 = c.text_encoder_2.state_dict()
+            assert all(torch.equal(te2[k], v) for k, v in before["text_encoder_2"].items())
+    assert np.allclose(runs[True], runs[False], rtol=1e-5)
