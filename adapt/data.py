@@ -106,22 +106,24 @@ def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[in
     return max(step, int(width * scale) // step * step), max(step, int(height * scale) // step * step)
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as load_rgb will see it, from the header only (EXIF rotation swaps sides)."""
+    with Image.open(path) as img:
+        w, h = img.size
+        return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+
+
 def target_size(example: Example, resolution: int, bucket_step: int | None) -> tuple[int, int]:
     """(width, height) the image is trained at: a square, or its bucket."""
     if not bucket_step:
         return resolution, resolution
-    with Image.open(example.image) as img:
-        w, h = img.size
-        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotation swaps the sides
-            w, h = h, w
-    return bucket_size(w, h, resolution, bucket_step)
+    return bucket_size(*image_size(example.image), resolution, bucket_step)
 
 
 def crop_geometry(example: Example, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """((original height, width), (crop top, left)) of how load_pixels cuts `size` = (W, H) out of
     the image: SDXL's micro-conditioning inputs."""
-    img = load_rgb(example.image)
-    w, h = img.size
+    w, h = image_size(example.image)
     width, height = size
     scale = max(width / w, height / h)
     rw, rh = (max(width, round(w * scale)), max(height, round(h * scale))) if scale != 1 else (w, h)

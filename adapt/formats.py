@@ -104,12 +104,6 @@ def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool
     return flat, meta
 
 
-def lora_recipe(path: str | Path) -> dict:
-    """The recipe stored in a LoRA file by adapt ({} for files made elsewhere)."""
-    _, meta = read_safetensors(path, "LoRA")
-    return json.loads(meta.get("adapt.recipe", "{}"))
-
-
 def save_pipeline(components, out_dir, recipe: dict) -> Path:
     """Write a full diffusers pipeline folder: trained modules from memory, the rest copied from
     the base folder (they did not change, and may have been released after caching). Each

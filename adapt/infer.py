@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import AdaptError
 from .formats import read_safetensors
+from .loras import is_kohya, parse_lora, write_lora
 from .models import quiet_libraries, resolve_model
 from .schedulers import make_scheduler
 
@@ -111,24 +112,21 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False) 
     # associative, so this is what makes the order of --lora flags not matter, bit for bit.
     loras = sorted(loras, key=lambda lw: (str(Path(lw[0]).resolve()), lw[1]))
     names, weights = [], []
-    tmp = tempfile.TemporaryDirectory()
-    for i, (path, weight) in enumerate(loras):
-        tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
-        # Pickles, and kohya files (diffusers' kohya reader cannot place text-encoder LoRAs without
-        # out_proj, e.g. our q/k-only ones), go to diffusers through our own diffusers-layout copy.
-        if meta.get("adapt.pickle") or any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
-            from .loras import read_lora, write_lora
-
-            path = write_lora(Path(tmp.name) / f"{i}.safetensors", read_lora(path, allow_pickle)[0])
-        name = f"lora_{i}"
-        try:
-            pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise AdaptError(f"LoRA {path} does not fit this model ({str(e).splitlines()[0][:200]}); "
-                             "was it trained on another base model?") from None
-        names.append(name)
-        weights.append(weight)
-    tmp.cleanup()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (path, weight) in enumerate(loras):
+            tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
+            # Pickles, and kohya files (diffusers' kohya reader cannot place text-encoder LoRAs without
+            # out_proj, e.g. our q/k-only ones), go to diffusers through our own diffusers-layout copy.
+            if meta.get("adapt.pickle") or is_kohya(tensors):
+                path = write_lora(Path(tmp) / f"{i}.safetensors", parse_lora(tensors, meta, path))
+            name = f"lora_{i}"
+            try:
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            except (ValueError, RuntimeError, KeyError, TypeError) as e:
+                raise AdaptError(f"LoRA {path} does not fit this model ({str(e).splitlines()[0][:200]}); "
+                                 "was it trained on another base model?") from None
+            names.append(name)
+            weights.append(weight)
     pipe.set_adapters(names, adapter_weights=weights)
 
 

@@ -110,15 +110,25 @@ def _peft_alpha(meta: dict, component: str, module_path: str, rank: int) -> floa
     return float(rank)
 
 
+def is_kohya(tensors: dict) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te")) for k in tensors)
+
+
 def read_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, Lora], dict]:
     """(modules, metadata) of a diffusers/peft or kohya LoRA file (safetensors; pickle only with allow_pickle)."""
     from .formats import read_safetensors
 
     tensors, meta = read_safetensors(path, "LoRA", allow_pickle)
+    return parse_lora(tensors, meta, path), meta
+
+
+def parse_lora(tensors: dict, meta: dict, path: str | Path) -> dict[str, Lora]:
+    """The tensors of a LoRA file (either layout) as {component.module_path: Lora}; `path` names
+    the file in errors."""
     if not tensors:
         raise AdaptError(f"{path} holds no tensors; pass a LoRA file")
     parts: dict[str, dict] = {}
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
+    if is_kohya(tensors):
         for k, v in tensors.items():
             if k.startswith("lora_te") and not k.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
                 raise AdaptError(f"{path}: unsupported kohya key {k!r}")
@@ -147,7 +157,7 @@ def read_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, L
         component, module_path = key.split(".", 1)
         alpha = float(p["alpha"]) if "alpha" in p else _peft_alpha(meta, component, module_path, rank)
         loras[key] = Lora(p["down"].float(), p["up"].float(), alpha)
-    return loras, meta
+    return loras
 
 
 def _uniform(loras: dict[str, Lora]) -> dict[str, Lora]:
