@@ -265,10 +265,9 @@ def _train(method_name: str, options: dict) -> None:
     if data.token is None:
         raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
     if db is not None:
-        from .schedulers import scheduler_names
+        from .schedulers import check_scheduler
 
-        if db.class_scheduler not in scheduler_names():
-            raise AdaptError(f"unknown scheduler '{db.class_scheduler}'; choose one of: {', '.join(scheduler_names())}")
+        check_scheduler(db.class_scheduler)
     if train_cfg.resume and options.get("output") is None:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
@@ -428,10 +427,9 @@ def textual_inversion(images: Images = None, token: Token = None, model: Model =
 
 
 def _check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:
-    from .schedulers import scheduler_names
+    from .schedulers import check_scheduler
 
-    if scheduler not in scheduler_names():
-        raise AdaptError(f"unknown scheduler '{scheduler}'; choose one of: {', '.join(scheduler_names())}")
+    check_scheduler(scheduler)
     if count < 1 or steps < 1:
         raise AdaptError("--num-images and --steps must be >= 1")
     if size is not None and (size < 8 or size % 8):

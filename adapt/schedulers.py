@@ -126,7 +126,8 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
 
-def _spec(name: str) -> SchedulerSpec:
+def check_scheduler(name: str) -> SchedulerSpec:
+    """The table entry for `name` (case and spaces ignored), or a one-line error listing the names."""
     key = name.strip().lower() if isinstance(name, str) else name
     try:
         return SCHEDULERS[key]
@@ -142,7 +143,7 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> "SchedulerMixin":
     Keys of `config` the target class does not take (e.g. `skip_prk_steps` from SD's PNDM config
     when building LCM) are dropped here rather than logged by diffusers as a warning.
     """
-    spec = _spec(name)
+    spec = check_scheduler(name)
     missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
     if missing:
         raise AdaptError(

@@ -78,10 +78,8 @@ def place_for_training(components, trainable: set[int], device, weight_dtype) ->
     VAE stays fp32: it encodes once per image, and fp16 VAEs are a known source of NaN latents."""
     import torch
 
-    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
-        module = getattr(components, name, None)
-        if module is None:
-            continue
+    for name in (*components.text_encoder_names, "unet", "vae"):
+        module = getattr(components, name)
         module.to(device)
         for p in module.parameters():
             p.data = p.data.to(torch.float32 if (id(p) in trainable or name == "vae") else weight_dtype)
@@ -252,11 +250,10 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         value, bad = 0.0, False
         with accelerator.accumulate(*modules):
             for k, js in enumerate(chunks.values()):
-                sync = contextlib.nullcontext() if k == len(chunks) - 1 else contextlib.ExitStack()
-                if k < len(chunks) - 1:
-                    for m in modules:
-                        sync.enter_context(accelerator.no_sync(m))
-                with sync:
+                with contextlib.ExitStack() as sync:
+                    if k < len(chunks) - 1:  # gradients are all-reduced once, after the last image size
+                        for m in modules:
+                            sync.enter_context(accelerator.no_sync(m))
                     if cfg.cache_latents:
                         params_ = torch.stack([latent_cache[(batch[j].image, flipped[j])] for j in js])
                     else:
