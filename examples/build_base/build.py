@@ -1,16 +1,21 @@
 """Build the bundled emoji base model from scratch: every stage, seeded, resumable.
 
-    python examples/build_base/build.py --data ../shared/data/emoji        # ~1 hour on 2 CPU cores
+    python examples/build_base/build.py --data ../shared/data/emoji        # ~100 min on 2 CPU cores
 
 Stages (each skipped when its output exists, so a killed build continues where it stopped):
-  1. select_emoji.py   -> training_set.jsonl: "Animals & Nature" + "Food & Drink" + all 12 cat emoji
+  1. select_emoji.py   -> training_set.jsonl + heldout.jsonl: (emoji, style) cells of "Animals &
+                          Nature", "Food & Drink", "Smileys & Emotion" in the five non-Twemoji
+                          styles; 6% of the cells held out by a fixed seed
   2. train_vae.py      -> vae/: a small AutoencoderKL (4 latent channels, 64 px -> 16x16 latents),
-                          trained on all 1,629 Noto emoji with its own short loop (time-capped)
+                          trained on every image of the five styles but the held-out cells
+                          (32 px crops, then whole images; time-capped); PSNR on Twemoji
   3. init_pipeline.py  -> init/: the diffusers pipeline with the trained VAE, the real CLIP
-                          tokenizer, a fresh small CLIPTextModel and UNet, SD 1.5's noise schedule
+                          tokenizer, a fresh 4-layer CLIPTextModel and a UNet with cross-attention
+                          at every level, SD 1.5's noise schedule
   4. train_base.py     -> base/: UNet + text encoder trained together on adapt's one training loop
-                          (FullMethod(train_text_encoder=True)), 10% empty captions, checkpoints
-  5. package           -> adapt/base/: the pipeline folder + training_set.jsonl + README (licences)
+                          (FullMethod(train_text_encoder=True)), captions from captions.py
+  5. package           -> adapt/base/: the pipeline folder + training_set.jsonl + heldout.jsonl +
+                          adapt.json + README (licences); no build-machine paths in the configs
 
 Run from the repository root. --out is the work folder (default outputs/base-build).
 """
@@ -26,6 +31,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from captions import STYLE_PHRASES  # noqa: E402
 
 README = """# The bundled emoji base model
 
@@ -33,30 +40,51 @@ A small text-to-image model in the standard diffusers `StableDiffusionPipeline` 
 `examples/build_base/build.py` from real artwork so that `adapt` has a real (if tiny) pretrained
 base that runs offline on a laptop CPU: 64x64 images, 16x16x4 latents.
 
-- VAE: `AutoencoderKL`, 4 latent channels, trained on all 1,629 Noto emoji.
-- Text encoder: a 2-layer `CLIPTextModel` (hidden {hidden}) with the real CLIP tokenizer of SD 1.x (49,408 tokens).
-- UNet: `UNet2DConditionModel` with cross-attention ({unet_params:,} parameters).
+- VAE: `AutoencoderKL`, 4 latent channels ({vae_params:,} parameters), trained on the five styles below;
+  reconstruction PSNR {psnr_train} dB on them and {psnr_twemoji} dB on Twemoji, a style it never saw.
+- Text encoder: a {layers}-layer `CLIPTextModel` (hidden {hidden}) with the real CLIP tokenizer of SD 1.x (49,408 tokens).
+- UNet: `UNet2DConditionModel` with cross-attention at every resolution level ({unet_params:,} parameters).
 - Noise schedule: SD 1.5's (scaled_linear 0.00085 -> 0.012, 1,000 steps, epsilon prediction).
-- Training data: the {n} emoji in `training_set.jsonl` (Noto drawings, "Animals & Nature", "Food & Drink"
-  and all 12 cat emoji), captioned `an emoji of {{name}}` with the Unicode name, 10% empty captions.
+
+## What it was trained on
+
+{n_emoji} emoji ("Animals & Nature", "Food & Drink", "Smileys & Emotion"; the 12 cat emoji among them) in
+five styles, {n_train:,} (emoji, style) cells in `training_set.jsonl`. {n_held} cells (6%, fixed seed) are held
+out in `heldout.jsonl`: each is an emoji the model knows, in a style it knows, never seen together.
+**Twemoji is not in it at all**: it is the style and subject that `examples/cat` teaches.
+
+Captions (see `examples/build_base/captions.py`), four per cell:
+
+- `an emoji of {{name}}` with the Unicode name, always;
+- 30%: one to three CLDR keywords, e.g. `an emoji of cat face, kitten, pet`;
+- 60%: a style phrase: {styles}; without one the model samples across the styles;
+- 30%: one or two words no caption otherwise uses (random CLIP-vocabulary words), anywhere, so an
+  unknown word such as `sks` changes nothing; `sks`, `twemoji`, `twitter` and `tweet` are never used;
+- 10% of the time the caption is empty (classifier-free guidance).
+
+`adapt.json` lists the style phrases and the settings this model recommends for each method.
 
 ## Sources and licences
 
 - Noto Emoji images: Google, Apache License 2.0 (font: SIL Open Font License 1.1),
   <https://github.com/googlefonts/noto-emoji>.
+- OpenMoji: HfG Schwäbisch Gmünd and contributors, CC BY-SA 4.0, <https://openmoji.org>.
+- Fluent Emoji (flat, color/gradient, high-contrast line art): Microsoft, MIT,
+  <https://github.com/microsoft/fluentui-emoji>.
 - Twemoji images (used by `examples/cat` and for evaluation, not for training this model):
   Twitter, Inc. and other contributors, CC-BY 4.0, <https://github.com/twitter/twemoji>.
-- Emoji names: Unicode CLDR via the `emoji-datasource` npm package (MIT).
+- Emoji names: Unicode CLDR via the `emoji-datasource` npm package (MIT); keywords: CLDR
+  annotations via OpenMoji's data.
 - CLIP tokenizer: OpenAI CLIP (MIT).
 """
 
 
 # Settings this model recommends (adapt reads them from adapt.json; recipes and flags override).
-# Measured on examples/cat: with SD 1.5's usual lr 1e-4 / guidance 7.5 a LoRA barely moves this
-# tiny model; 3e-4 for 1000 steps and guidance 3 move it clearly toward the training images.
+# Tuned on examples/cat with benchmarks/learning.py (see the README's figures).
 ADAPT_DEFAULTS = {
     "_note": "Settings this small 64 px model recommends (see README.md); recipes and flags override them.",
     "guidance": 3.0,
+    "styles": STYLE_PHRASES,
     "lora": {"lr": 0.0003, "steps": 1000},
     "dreambooth": {"lr": 0.0001, "steps": 200},
     "textual-inversion": {"lr": 0.005, "steps": 300},
@@ -71,47 +99,66 @@ def stage(name: str, done: bool, cmd: list[str]) -> None:
     subprocess.run([sys.executable, *cmd], check=True, cwd=REPO)
 
 
-def package(base: Path, training_set: Path, dest: Path) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "loss.png", "report.md"))
-    shutil.copy2(training_set, dest / "training_set.jsonl")
-    (dest / "adapt.json").write_text(json.dumps(ADAPT_DEFAULTS, indent=2) + "\n")
+def strip_build_paths(folder: Path) -> None:
+    """Drop `_name_or_path` (the build machine's folder) from every shipped config."""
+    for f in folder.rglob("*.json"):
+        cfg = json.loads(f.read_text())
+        if isinstance(cfg, dict) and "_name_or_path" in cfg:
+            del cfg["_name_or_path"]
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def package(out: Path, dest: Path) -> None:
     import math
 
     from safetensors import safe_open
 
+    base = out / "base"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "loss.png", "report.md", "logs"))
+    for name in ("training_set.jsonl", "heldout.jsonl"):
+        shutil.copy2(out / name, dest / name)
+    strip_build_paths(dest)
+    (dest / "adapt.json").write_text(json.dumps(ADAPT_DEFAULTS, indent=2) + "\n")
     te = json.loads((dest / "text_encoder" / "config.json").read_text())
+    vae_stats = json.loads((out / "vae_stats.json").read_text())
     with safe_open(str(dest / "unet" / "diffusion_pytorch_model.safetensors"), "np") as f:
         unet = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    n = len(training_set.read_text().splitlines())
-    (dest / "README.md").write_text(README.format(hidden=te["hidden_size"], unet_params=unet, n=n))
-    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    print(f"[build] packaged {dest} ({size / 1e6:.1f} MB)")
+    train = [json.loads(line) for line in (out / "training_set.jsonl").read_text().splitlines()]
+    held = (out / "heldout.jsonl").read_text().splitlines()
+    styles = ", ".join(f"`{v}` ({k})" for k, v in STYLE_PHRASES.items())
+    (dest / "README.md").write_text(README.format(
+        hidden=te["hidden_size"], layers=te["num_hidden_layers"], unet_params=unet, vae_params=vae_stats["parameters"],
+        psnr_train=vae_stats["psnr_training_styles_db"], psnr_twemoji=vae_stats["psnr_twemoji_db"],
+        n_emoji=len({c["file"] for c in train}), n_train=len(train), n_held=len(held), styles=styles))
+    size = sum(p.stat().st_size for p in dest.rglob("*.safetensors"))
+    print(f"[build] packaged {dest} ({size / 1e6:.1f} MB of weights)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "emoji"), help="emoji folder (noto/, twemoji/, metadata.jsonl)")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "emoji"), help="emoji folder (style folders, metadata.jsonl)")
     p.add_argument("--out", default=str(REPO / "outputs" / "base-build"))
     p.add_argument("--dest", default=str(REPO / "adapt" / "base"), help="where the finished model goes (package data)")
     p.add_argument("--threads", default="2")
-    p.add_argument("--unet-steps", default="4000")
+    p.add_argument("--vae-seconds", default="1080", help="wall-clock cap of the VAE's training loop")
+    p.add_argument("--unet-steps", default="3200")
     a = p.parse_args()
     data, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ts = out / "training_set.jsonl"
-    stage("1 select", ts.is_file(), [str(HERE / "select_emoji.py"), "--metadata", str(data / "metadata.jsonl"),
-                                      "--images", str(data / "noto"), "--out", str(ts)])
+    styles = ",".join(str(data / s) for s in STYLE_PHRASES)
+    stage("1 select", (out / "training_set.jsonl").is_file(), [str(HERE / "select_emoji.py"), "--data", str(data), "--out", str(out)])
     stage("2 vae", (out / "vae" / "diffusion_pytorch_model.safetensors").is_file(),
-          [str(HERE / "train_vae.py"), "--images", str(data / "noto"), "--heldout-images", str(data / "twemoji"),
-           "--out", str(out), "--threads", a.threads])
+          [str(HERE / "train_vae.py"), "--images", styles, "--exclude", str(out / "heldout.jsonl"),
+           "--heldout-images", str(data / "twemoji"), "--out", str(out), "--threads", a.threads,
+           "--steps", "100000", "--max-train-seconds", a.vae_seconds, "--batch-size", "16", "--ckpt-every", "500"])
     stage("3 init", (out / "init" / "model_index.json").is_file(),
           [str(HERE / "init_pipeline.py"), "--vae", str(out / "vae"), "--out", str(out / "init"), "--threads", a.threads])
     stage("4 unet + text encoder", (out / "base" / "recipe.json").is_file(),
-          [str(HERE / "train_base.py"), "--images", str(data / "noto"), "--training-set", str(ts), "--init", str(out / "init"),
-           "--out", str(out / "base"), "--threads", a.threads, "--steps", a.unet_steps])
-    package(out / "base", ts, Path(a.dest))
+          [str(HERE / "train_base.py"), "--data", str(data), "--training-set", str(out / "training_set.jsonl"),
+           "--init", str(out / "init"), "--out", str(out / "base"), "--threads", a.threads, "--steps", a.unet_steps])
+    package(out, Path(a.dest))
 
 
 if __name__ == "__main__":

@@ -11,23 +11,23 @@ Given the VAE trained by ``train_vae.py``, writes ``StableDiffusionPipeline(...)
   ``merges.txt`` and ``special_tokens_map.json`` are copied in as well (for slow tokenizers and
   older transformers); the saved copy is re-loaded and its vocabulary size and the ids of
   "a photo of a cat" (SD 1.5's) checked.
-* ``text_encoder``: a freshly initialised (seeded) ``CLIPTextModel``: 2 layers, 4 heads,
+* ``text_encoder``: a freshly initialised (seeded) ``CLIPTextModel``: 4 layers, 4 heads,
   ``intermediate_size = 4 * hidden``, 77 positions, SD 1.x special-token ids.
 * ``unet``: a freshly initialised (seeded) ``UNet2DConditionModel`` for 16x16x4 latents,
-  ``block_out_channels=(64, 128, 128)``, ``DownBlock2D`` then two ``CrossAttnDownBlock2D``
-  (cross-attention at the two lower resolutions, the 8x8 and 4x4 latent grids, and in the mid
-  block; none at 16x16), ``cross_attention_dim`` = the text encoder's hidden size, 4 attention heads
-  (``attention_head_dim=4`` in diffusers' legacy naming, where it means the number of heads).
+  ``block_out_channels=(64, 128, 192)``, ``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` at every
+  level (cross-attention at 16x16, 8x8 and 4x4 and in the mid block), ``cross_attention_dim`` =
+  the text encoder's hidden size, 4 attention heads (``attention_head_dim=4`` in diffusers' legacy
+  naming, where it means the number of heads).
 * ``scheduler``: SD 1.5's noise schedule as a ``DDPMScheduler`` (1000 steps, scaled_linear
   0.00085 -> 0.012, ``clip_sample=False``, ``steps_offset=1``, epsilon prediction;
   ``set_alpha_to_one=False`` is kept in the config so DDIM/PNDM made ``from_config`` match SD 1.5).
 * ``vae``: the trained ``AutoencoderKL`` (its ``scaling_factor`` comes from training).
 
-Size limit: all weight files together must be <= ``--max-mb`` (48 MB = 48e6 bytes, float32).
+Size limit: all weight files together must be <= ``--max-mb`` (80 MB = 80e6 bytes, float32).
 With ``--text-hidden-size auto`` / ``--unet-layers-per-block auto`` (defaults) the first
 configuration of this ladder whose predicted size (4 bytes per parameter) fits is used:
-(UNet layers_per_block, text hidden) = (2, 128), (1, 128), (1, 96), (1, 80), (1, 64). The
-token embedding (49,408 x hidden) dominates the text encoder, so its width is the main lever.
+(UNet layers_per_block, text hidden) = (1, 128), (1, 96), (1, 80), (1, 64). The token embedding
+(49,408 x hidden) dominates the text encoder, so its width is the main lever.
 After saving, the weight files are measured on disk (and with ``du``) and the script fails if
 the limit is exceeded.
 
@@ -65,7 +65,7 @@ BOS_ID, EOS_ID = 49406, 49407
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json")
 REFERENCE_IDS = ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407])  # SD 1.5's ids
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-LADDER = [(2, 128), (1, 128), (1, 96), (1, 80), (1, 64)]
+LADDER = [(1, 128), (1, 96), (1, 80), (1, 64)]
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -86,7 +86,7 @@ def text_config(hidden: int):
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         projection_dim=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=4,
         num_attention_heads=4,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
@@ -101,12 +101,14 @@ def unet_kwargs(layers_per_block: int, cross_attention_dim: int, sample_size: in
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(64, 128, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 192),
+        # cross-attention at every resolution level (16x16, 8x8, 4x4 latents) and in the mid block,
+        # so attention-only LoRAs (Q,K by default) can steer coarse layout and fine detail alike
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=cross_attention_dim,
         layers_per_block=layers_per_block,
-        attention_head_dim=4,  # legacy diffusers naming: number of heads (128 / 4 = 32 per head)
+        attention_head_dim=4,  # legacy diffusers naming: number of heads (16-48 channels per head)
         norm_num_groups=32,
     )
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stats", default=None, help="JSON report path (default <out>/../init_stats.json)")
     p.add_argument("--text-hidden-size", default="auto", help="int or 'auto' (see the ladder)")
     p.add_argument("--unet-layers-per-block", default="auto", help="1, 2 or 'auto'")
-    p.add_argument("--max-mb", type=float, default=48.0, help="weight budget in MB (1e6 bytes)")
+    p.add_argument("--max-mb", type=float, default=80.0, help="weight budget in MB (1e6 bytes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", default="an emoji of cat")

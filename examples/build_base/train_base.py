@@ -2,8 +2,9 @@
 
 Runs on adapt's one training loop (`adapt.train.train`) with `FullMethod(train_text_encoder=True)`:
 the VAE is frozen and its latents are cached once per image, the UNet and the CLIP text encoder
-learn from scratch on `training_set.jsonl` (captions `an emoji of {name}`), 10% of captions are
-dropped to "" so classifier-free guidance works at generation time. Checkpoints are written every
+learn from scratch on the cells of `training_set.jsonl`, each with `captions.VARIANTS` seeded
+captions (see captions.py), 10% of captions dropped to "" so classifier-free guidance works, and
+min-SNR loss weighting (gamma 5) for faster convergence. Checkpoints are written every
 `--checkpoint-every` steps; running the same command again resumes from the newest one.
 
 Usage (from the repo root)::
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -30,14 +32,15 @@ BUILD = REPO_ROOT / "outputs" / "base-build"
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", default=str(DEFAULT_DATA / "noto"), help="folder with the emoji PNGs")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="emoji folder with one sub-folder per style")
     p.add_argument("--training-set", default=str(BUILD / "training_set.jsonl"))
     p.add_argument("--init", default=str(BUILD / "init"), help="pipeline folder from init_pipeline.py")
     p.add_argument("--out", default=str(BUILD / "base"))
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
@@ -55,23 +58,34 @@ def main(argv=None) -> None:
     from adapt.models import load_components
     from adapt.train import train
 
-    rows = [json.loads(line) for line in Path(a.training_set).read_text().splitlines() if line.strip()]
-    examples = [Example(Path(a.images) / r["file"], r["caption"]) for r in rows]
+    from transformers import CLIPTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from captions import captions_for, junk_pool
+
+    cells = [json.loads(line) for line in Path(a.training_set).read_text().splitlines() if line.strip()]
+    junk = junk_pool(CLIPTokenizer.from_pretrained(Path(a.init) / "tokenizer").get_vocab(), cells)
+    rng = random.Random(a.seed)
+    examples = [Example(Path(a.data) / c["style"] / c["file"], text) for c in cells for text in captions_for(c, rng, junk)]
     missing = [str(e.image) for e in examples if not e.image.is_file()]
     if missing:
-        sys.exit(f"error: {len(missing)} training images missing, e.g. {missing[0]}; pass --images DIR")
+        sys.exit(f"error: {len(missing)} training images missing, e.g. {missing[0]}; pass --data DIR")
+    if not a.measure:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out).parent / "captions.jsonl").write_text(
+            "".join(json.dumps({"image": f"{e.image.parent.name}/{e.image.name}", "caption": e.prompt}) + "\n" for e in examples))
     out = Path(a.out)
     resume = None if (a.fresh or a.measure) else ("latest" if (out / "checkpoints").is_dir() else None)
     cfg = TrainConfig(
         steps=a.measure or a.steps, batch_size=a.batch_size, lr=a.lr, lr_scheduler="cosine",
-        warmup_steps=a.warmup, weight_decay=1e-2, max_grad_norm=1.0, caption_dropout=a.caption_dropout,
+        warmup_steps=a.warmup, weight_decay=1e-2, max_grad_norm=1.0, caption_dropout=a.caption_dropout, snr_gamma=a.snr_gamma,
         cache_latents=True, cache_text=False, seed=a.seed, checkpoint_every=0 if a.measure else a.checkpoint_every,
         keep_checkpoints=1, resume=resume,
     )
     components = load_components(a.init)
     keys = ("steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay",
             "max_grad_norm", "mixed_precision", "gradient_checkpointing", "cache_latents", "cache_text", "caption_dropout",
-            "seed", "checkpoint_every", "keep_checkpoints")
+            "seed", "checkpoint_every", "keep_checkpoints", "snr_gamma")
     recipe = {"method": "base-build", "images": len(examples), "resolution": components.resolution,
               "train": {k: getattr(cfg, k) for k in keys}}
     t0 = time.perf_counter()
