@@ -534,6 +534,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              limit: Annotated[Optional[int], typer.Option(help="Use only the first N lines of --prompts.")] = None,
              refs: Annotated[Optional[Path], typer.Option(help="Folder of reference images named by the prompts' \"file\" (fidelity).")] = None,
              refs_b: Annotated[Optional[Path], typer.Option(help="Second style's references, same file names (style metric).")] = None,
+             style_refs: Annotated[Optional[List[Path]], typer.Option(help="A style's reference folder (same file names); repeat for several: each image's nearest style, accuracy for prompts that name their \"style\", distinct styles per prompt.")] = None,
              set_: Annotated[Optional[Path], typer.Option("--set", help="Folder of images to measure the distance to.")] = None,
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
              compare_model: Annotated[Optional[str], typer.Option(help="Second model for drift and comparison; 'bundled' = the bundled base.")] = None,
@@ -553,7 +554,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
         raise AdaptError("--batch-size and --limit must be >= 1")
     if refs_b is not None and refs is None:
         raise AdaptError("--refs-b needs --refs (the first style's references)")
-    for flag, folder in (("--refs", refs), ("--refs-b", refs_b), ("--set", set_)):
+    for flag, folder in (("--refs", refs), ("--refs-b", refs_b), ("--set", set_), *(("--style-refs", d) for d in style_refs or ())):
         if folder is not None and not folder.is_dir():
             raise AdaptError(f"{flag} {folder} is not a folder; pass a folder of images")
     if prompts is not None:
@@ -574,7 +575,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
 
     compare = renderer(compare_model, compare_loras) if (compare_model or compare_loras) else None
     metrics = run_eval(renderer(model, loras, embeddings), items, out, refs_dir=refs, refs_b_dir=refs_b, compare=compare,
-                       set_dir=set_, base_seed=seed, batch_size=batch_size)
+                       set_dir=set_, base_seed=seed, batch_size=batch_size, style_dirs=style_refs or ())
     typer.echo(format_table(metrics))
     log.info("wrote eval.json and grid.png to %s", out)
 

@@ -51,7 +51,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from adapt.evaluate import features, retrieval
+    from adapt.metrics import features, retrieval
     from adapt.infer import generate, load_pipeline
     from adapt.models import BUNDLED_MODEL
 

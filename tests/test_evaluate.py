@@ -5,17 +5,8 @@ import pytest
 from PIL import Image
 
 from adapt.errors import AdaptError
-from adapt.evaluate import (
-    FEATURE_DIM,
-    distance_to_set,
-    drift,
-    features,
-    format_table,
-    read_prompts,
-    retrieval,
-    run_eval,
-    style,
-)
+from adapt.evaluate import format_table, read_prompts, run_eval
+from adapt.metrics import FEATURE_DIM, distance_to_set, diversity, drift, features, nearest_style, retrieval, style
 
 COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (240, 200, 0), (128, 0, 128), (0, 200, 200)]
 
@@ -222,3 +213,42 @@ def test_run_eval_missing_reference(tmp_path):
 
     with pytest.raises(AdaptError, match="ghost.png"):
         run_eval(generate, items, tmp_path / "out", refs_dir=refs_dir, progress=False)
+
+
+def test_nearest_style_picks_the_closest_drawing_of_the_same_subject():
+    a = features([solid(c) for c in COLOURS[:3]])
+    b = features([solid(c) for c in COLOURS[3:6]])
+    gen = np.stack([a[0], b[1], a[2] * 0.9 + b[2] * 0.1])
+    assert nearest_style(gen, {"a": a, "b": b}) == ["a", "b", "a"]
+
+
+def test_diversity_is_zero_for_identical_seeds_and_grows_with_difference():
+    same = features([solid(COLOURS[0])] * 3)
+    assert diversity(same, ["p"] * 3)["mean"] == 0.0
+    mixed = features([solid(COLOURS[0]), solid(COLOURS[1]), solid(COLOURS[0]), solid(COLOURS[0])])
+    d = diversity(mixed, ["p", "p", "q", "q"])
+    assert d["groups"] == 2 and d["per_group"]["q"] == 0.0 and d["per_group"]["p"] > 1.0
+    assert diversity(same[:2], ["p", "q"])["mean"] is None  # one image per prompt: nothing to compare
+
+
+def test_run_eval_scores_the_style_asked_for_and_distinct_styles_per_prompt(tmp_path):
+    dirs = {}
+    for name, colours in (("red", COLOURS[0]), ("green", COLOURS[1]), ("blue", COLOURS[2])):
+        d = dirs[name] = tmp_path / name
+        d.mkdir()
+        for f in ("x.png", "y.png"):
+            solid(colours).save(d / f)
+    draws = {"red": COLOURS[0], "green": COLOURS[1], "blue": COLOURS[2]}
+
+    def gen(prompts, seeds):  # draws the style named last in the prompt, or red/green by seed
+        return [solid(draws[p.split()[-1]] if p.split()[-1] in draws else COLOURS[s % 2]) for p, s in zip(prompts, seeds)]
+
+    items = [{"caption": "x in blue", "file": "x.png", "style": "blue", "seed": 0},
+             {"caption": "y in green", "file": "y.png", "style": "green", "seed": 1},
+             {"caption": "x plain", "file": "x.png", "seed": 0}, {"caption": "x plain", "file": "x.png", "seed": 1}]
+    m = run_eval(gen, items, tmp_path / "out", style_dirs=[dirs["red"], dirs["green"], dirs["blue"]], progress=False)
+    assert m["styles"]["accuracy"] == 1.0 and m["styles"]["asked"] == 2
+    assert [r["nearest_style"] for r in m["items"]] == ["blue", "green", "red", "green"]
+    assert m["styles"]["distinct_per_caption"] == (1 + 1 + 2) / 3
+    assert m["diversity"]["groups"] == 1 and m["diversity"]["mean"] > 0
+    assert "distinct styles per prompt" in format_table(m)

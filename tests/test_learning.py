@@ -12,7 +12,7 @@ import torch
 
 from adapt.config import LoraConfig, TrainConfig
 from adapt.data import Example, instance_examples, list_images
-from adapt.evaluate import distance_to_set, features, retrieval
+from adapt.metrics import distance_to_set, features, retrieval
 from adapt.infer import generate, load_pipeline
 from adapt.methods.full import FullMethod
 from adapt.methods.lora import LoraMethod

@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "outputs" / "base-build"))
     p.add_argument("--dest", default=str(REPO / "adapt" / "base"), help="where the finished model goes (package data)")
     p.add_argument("--threads", default="2")
-    p.add_argument("--vae-seconds", default="1080", help="wall-clock cap of the VAE's training loop")
+    p.add_argument("--vae-seconds", default="1500", help="wall-clock cap of the VAE's training loop")
     p.add_argument("--unet-steps", default="3200")
     a = p.parse_args()
     data, out = Path(a.data), Path(a.out)
