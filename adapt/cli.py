@@ -513,17 +513,22 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
 @app.command(name="eval", help="""Generate images for prompts with fixed seeds and score them against reference images.
 
 \b
-Metrics (feature space: RGB on white, box-shrunk to 16x16, L2; see adapt/evaluate.py):
+Metrics (feature space: RGB on white, box-shrunk to 16x16, L2; see adapt/metrics.py):
   fidelity  rank of each prompt's own reference among all references (top-1, top-5, chance)
   style     fraction of images closer to their reference in --refs than in --refs-b
   drift     mean distance between this model's and --compare-model's images (same prompts, seeds)
   set       mean distance to the nearest image of --set (did training move toward it?)
-Prompts come from --prompts FILE (JSONL: "caption", optional "file" naming the reference image
-and "seed") or from --prompt TEXT (repeatable, --num-images seeds each).
+  styles    each image's nearest style among --style-refs folders; accuracy for prompts naming
+            their "style"; distinct styles per prompt across seeds
+  diversity mean distance between the seeds' images of one prompt (0 = the same picture)
+Prompts come from --prompts FILE (JSONL: "caption", optional "file" naming the reference image,
+"style" and "seed") or from --prompt TEXT (repeatable, --num-images seeds each).
 
 \b
 Examples:
   adapt eval --prompts adapt/base/training_set.jsonl --refs ../shared/data/emoji/noto --limit 100
+  adapt eval --prompts adapt/base/heldout.jsonl --style-refs DATA/noto --style-refs DATA/openmoji \\
+      --style-refs DATA/fluent-flat --style-refs DATA/fluent-modern --style-refs DATA/fluent-line
   adapt eval --prompt "an emoji of <sks> cat face" --num-images 8 --lora RUN/pytorch_lora_weights.safetensors \\
       --set examples/cat --compare-model bundled
 """)

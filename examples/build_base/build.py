@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from captions import STYLE_PHRASES  # noqa: E402
+from captions import STYLE_PHRASES, TEMPLATE  # noqa: E402
 
 README = """# The bundled emoji base model
 
@@ -117,8 +117,10 @@ def package(out: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "loss.png", "report.md", "logs"))
-    for name in ("training_set.jsonl", "heldout.jsonl"):
-        shutil.copy2(out / name, dest / name)
+    for name in ("training_set.jsonl", "heldout.jsonl"):  # with each cell's canonical prompt, for `adapt eval --prompts`
+        cells = [json.loads(line) for line in (out / name).read_text().splitlines() if line.strip()]
+        (dest / name).write_text("".join(json.dumps({**c, "caption": f"{TEMPLATE.format(c['name'])}, {STYLE_PHRASES[c['style']]}"},
+                                                    ensure_ascii=False) + "\n" for c in cells))
     strip_build_paths(dest)
     (dest / "adapt.json").write_text(json.dumps(ADAPT_DEFAULTS, indent=2) + "\n")
     te = json.loads((dest / "text_encoder" / "config.json").read_text())
@@ -142,7 +144,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "outputs" / "base-build"))
     p.add_argument("--dest", default=str(REPO / "adapt" / "base"), help="where the finished model goes (package data)")
     p.add_argument("--threads", default="2")
-    p.add_argument("--vae-seconds", default="1500", help="wall-clock cap of the VAE's training loop")
+    p.add_argument("--vae-seconds", default="1800", help="wall-clock cap of the VAE's training loop")
     p.add_argument("--unet-steps", default="3200")
     a = p.parse_args()
     data, out = Path(a.data), Path(a.out)
