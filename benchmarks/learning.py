@@ -58,7 +58,10 @@ class Bench:
         self.heldout = [json.loads(x) for x in (model / "heldout.jsonl").read_text().splitlines()]
         self.emoji = {c["file"]: c["name"] for c in self.train + self.heldout}
         self.rows: list[tuple[str, str, str, str]] = []
+        self.picture: list[tuple[str, list]] = []  # (label, 8 images) rows of the README picture
+        self.images: list = []  # the last render's images
         self._feats: dict[tuple[str, str], np.ndarray] = {}
+        self.base_cats: list = []
 
     def ref(self, style: str, files: list[str]) -> np.ndarray:
         missing = [f for f in files if (style, f) not in self._feats]
@@ -73,7 +76,25 @@ class Bench:
         from adapt.infer import generate, load_pipeline
 
         pipe = load_pipeline(str(model or self.model), "dpm++2m-karras", **kw)
-        return features(generate(pipe, prompts, seeds, steps=25, guidance=self.guidance, batch_size=16))
+        self.images = generate(pipe, prompts, seeds, steps=25, guidance=self.guidance, batch_size=16)
+        return features(self.images)
+
+    def save_picture(self, path: Path) -> None:
+        """The picture rows, 8 images each, with their labels on the left."""
+        from PIL import Image, ImageDraw
+
+        from adapt.images import load_rgb
+
+        w, size = 250, 64
+        sheet = Image.new("RGB", (w + 8 * size, size * len(self.picture)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for r, (label, images) in enumerate(self.picture):
+            draw.text((4, r * size + 26), label, fill="black")
+            for c, img in enumerate(images[:8]):
+                img = load_rgb(img) if isinstance(img, Path) else img
+                sheet.paste(img.resize((size, size)), (w + c * size, r * size))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path)
 
     def row(self, name: str, measured: str, target: str, note: str = "") -> None:
         self.rows.append((name, measured, target, note))
@@ -131,6 +152,7 @@ def bench_base(b: Bench) -> None:
     cats = {f for f, n in b.emoji.items() if "cat" in n.split()}
     for prompt in ("an emoji of cat face", CAT_PROMPT):
         nearest = pairwise_distances(b.render([prompt] * len(SEEDS), SEEDS), refs).argmin(1)
+        b.base_cats = b.images
         rate = np.mean([cells[j][1] in cats for j in nearest])
         b.row(f"base/'{prompt}' -> a cat", f"{rate:.3f}", ">= 0.90" if "<sks>" in prompt else "-",
               f"nearest of {len(cells)} cells")
@@ -150,6 +172,8 @@ def bench_lora(b: Bench) -> float:
     rate = twemoji_cat_rate(b, b.render([CAT_PROMPT] * len(SEEDS), SEEDS,
                                         loras=[(str(out / "pytorch_lora_weights.safetensors"), 1.0)]))
     b.row("lora: '<sks> cat face' -> Twemoji", f"{rate:.3f}", ">= 0.75", f"quickstart, {wall:.0f} s wall")
+    b.picture += [("examples/cat (Twemoji, training)", sorted((ROOT / "examples" / "cat").glob("*.png"))),
+                  ("base: an emoji of <sks> cat face", b.base_cats), ("quickstart LoRA", b.images)]
     return rate
 
 
@@ -167,6 +191,10 @@ def bench_style_lora(b: Bench) -> None:
     gen = b.render([f"an emoji of {b.emoji[f]}, twemoji style" for f in test], list(range(len(test))),
                    loras=[(str(out / "pytorch_lora_weights.safetensors"), 1.0)])
     got = nearest_style(gen, {s: b.ref(s, test) for s in ("twemoji", *STYLES)})
+    lora_images = b.images
+    b.render([f"an emoji of {b.emoji[f]}, twemoji style" for f in test[:8]], list(range(8)))
+    b.picture += [("held-out emoji, Twemoji", [b.data / "twemoji" / f for f in test]),
+                  ("base: ..., twemoji style", b.images), ("style LoRA (16 other emoji)", lora_images)]
     b.row("style-lora: held-out -> Twemoji", f"{np.mean([g == 'twemoji' for g in got]):.3f}", ">= 0.80",
           "16 train / 32 held-out emoji")
 
@@ -183,6 +211,7 @@ def bench_dreambooth(b: Bench, lora_rate: float | None) -> None:
         drift[prior] = float(np.linalg.norm(b.render([class_prompt] * len(SEEDS), SEEDS, model=out) - base, axis=1).mean())
         if prior:
             rate = twemoji_cat_rate(b, b.render(["an emoji of sks cat face"] * len(SEEDS), SEEDS, model=out))
+            b.picture.append(("DreamBooth: an emoji of sks cat face", b.images))
     b.row("dreambooth: class drift prior/none", f"{drift[True] / drift[False]:.3f}", "<= 0.33",
           f"{drift[True]:.2f} / {drift[False]:.2f}")
     b.row("dreambooth: 'sks cat face' -> Twemoji", f"{rate:.3f}", f">= {lora_rate:.2f}" if lora_rate is not None else "lora's")
@@ -194,6 +223,7 @@ def bench_ti(b: Bench) -> None:
             "--output", str(out))
     gen = b.render(["an emoji of <cat-toy>"] * len(SEEDS), SEEDS, embeddings=[(str(out / "learned_embeds.safetensors"), None)])
     b.row("ti: '<cat-toy>' -> Twemoji cat", f"{twemoji_cat_rate(b, gen):.3f}", ">= 0.50")
+    b.picture.append(("TI: an emoji of <cat-toy>", b.images))
 
 
 def main() -> None:
@@ -204,6 +234,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "emoji"))
     p.add_argument("--only", default="base,lora,style,dreambooth,ti")
     p.add_argument("--keep", default=None, help="keep the runs in this folder")
+    p.add_argument("--picture", default=None, help="write the README picture here (e.g. docs/quickstart.png)")
     a = p.parse_args()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="adapt-learning-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -213,16 +244,18 @@ def main() -> None:
         bench_base(b)
     if "lora" in only:
         rate = bench_lora(b)
-    if "style" in only:
-        bench_style_lora(b)
     if "dreambooth" in only:
         bench_dreambooth(b, rate)
     if "ti" in only:
         bench_ti(b)
+    if "style" in only:
+        bench_style_lora(b)
     print("\n| measure | value | target | note |\n|---|---|---|---|")
     for r in b.rows:
         print("| " + " | ".join(r) + " |")
     print(f"\n{time.perf_counter() - t:.0f} s on {Path(a.model).name}; runs in {work}")
+    if a.picture:
+        b.save_picture(Path(a.picture))
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 
