@@ -167,6 +167,9 @@ def twemoji_cat_rate(b: Bench, gen: np.ndarray) -> float:
 
 
 def bench_lora(b: Bench) -> float:
+    if not b.base_cats:
+        b.render([CAT_PROMPT] * len(SEEDS), SEEDS)
+        b.base_cats = b.images
     out = b.work / "cat-lora"
     wall = b.adapt("lora", "--images", str(ROOT / "examples" / "cat"), "--token", "<sks>", "--output", str(out))
     rate = twemoji_cat_rate(b, b.render([CAT_PROMPT] * len(SEEDS), SEEDS,

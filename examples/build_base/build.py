@@ -85,7 +85,7 @@ ADAPT_DEFAULTS = {
     "_note": "Settings this small 64 px model recommends (see README.md); recipes and flags override them.",
     "guidance": 3.0,
     "styles": STYLE_PHRASES,
-    "lora": {"lr": 0.0003, "steps": 1000},
+    "lora": {"lr": 0.001, "steps": 500},
     "dreambooth": {"lr": 0.0001, "steps": 200},
     "textual-inversion": {"lr": 0.005, "steps": 300},
 }
