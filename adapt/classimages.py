@@ -4,7 +4,9 @@ The set for (model, class prompt, resolution, scheduler, steps, guidance) lives 
 under the cache root (default `outputs/class-images/`), with a `manifest.json`. Image i is
 `class-{i:05d}.png`, rendered with seed i, and written atomically as soon as its batch is done:
 an interrupted run keeps every finished image, and a larger `--num-class-images` only renders the
-missing indices. A user's own folder (`--class-images DIR`) is used as it is, topped up the same
+missing indices. Runs that share the cache take turns (a folder lock): the second waits while the
+first renders, then reuses its images, so no image is rendered twice and the manifest has one
+writer. A user's own folder (`--class-images DIR`) is used as it is, topped up the same
 way when it holds fewer images than requested.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from .errors import AdaptError
 from .fileio import write_json
 from .images import IMAGE_SUFFIXES
+from .locks import FolderLock, remove_partial_files
 
 log = logging.getLogger("adapt")
 MANIFEST = "manifest.json"
@@ -52,13 +55,25 @@ def ensure_class_images(model: str | None, class_prompt: str, count: int, resolu
     if folder.exists() and not folder.is_dir():
         raise AdaptError(f"--class-images {folder} is a file; pass a folder")
     have = _existing(folder)
-    if len(have) >= count:
-        log.info("reusing %d class images in %s", count, folder)
-        return folder, have[:count]
+    if len(have) < count:
+        # One writer at a time: a second run sharing the cache waits, then finds the images made.
+        with FolderLock(folder, "class images", wait=True):
+            remove_partial_files(folder)
+            have = _existing(folder)
+            if len(have) < count:
+                _generate(model, model_path, folder, have, count, settings, batch_size, progress)
+                return folder, _existing(folder)[:count]
+    log.info("reusing %d class images in %s", count, folder)
+    return folder, have[:count]
 
+
+def _generate(model, model_path: Path, folder: Path, have: list[Path], count: int, settings: dict, batch_size: int,
+              progress: bool) -> None:
+    """Render the missing images (the lowest free indices); the caller holds the folder's lock."""
     taken = {p.stem for p in have}
     free = (i for i in itertools.count() if f"class-{i:05d}" not in taken)
     todo = list(itertools.islice(free, count - len(have)))
+    class_prompt, scheduler, steps = settings["class_prompt"], settings["scheduler"], settings["steps"]
     log.info("generating %d class images for %r in %s (%s, %d steps)", len(todo), class_prompt, folder, scheduler, steps)
     from tqdm.auto import tqdm
 
@@ -66,19 +81,16 @@ def ensure_class_images(model: str | None, class_prompt: str, count: int, resolu
     from .infer import generate, load_pipeline
 
     pipe = load_pipeline(model, scheduler)
-    folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"model": str(model_path), **settings, "images": []}
     bar = tqdm(total=len(todo), desc="class images", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_size):
         seeds = todo[start:start + batch_size]
-        images = generate(pipe, [class_prompt] * len(seeds), seeds, steps=steps, guidance=guidance, size=resolution,
-                          batch_size=batch_size)
+        images = generate(pipe, [class_prompt] * len(seeds), seeds, steps=steps, guidance=settings["guidance"],
+                          size=settings["resolution"], batch_size=batch_size)
         for seed, img in zip(seeds, images):
             save_image(img, folder / f"class-{seed:05d}.png")
             manifest["images"].append({"file": f"class-{seed:05d}.png", "seed": seed})
         write_json(manifest_path, manifest)  # after the images: it never names a file that is not there
         bar.update(len(seeds))
     bar.close()
-    del pipe
-    return folder, _existing(folder)[:count]

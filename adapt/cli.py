@@ -69,10 +69,10 @@ def user_errors(fn):
             if _DEBUG["on"]:
                 raise
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
+            raise typer.Exit(getattr(e, "exit_code", 2))  # 128 + signal for a run stopped by one
+        except KeyboardInterrupt as e:
             typer.echo("interrupted; files already written are complete", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(getattr(e, "exit_code", 130))
 
     return wrapper
 
@@ -80,6 +80,9 @@ def user_errors(fn):
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False):
     _DEBUG["on"] = _DEBUG["on"] or debug
+    from .signals import interrupt_on_sigterm
+
+    interrupt_on_sigterm()  # SIGTERM stops a command as cleanly as Ctrl-C (partial files removed)
     rank = int(os.environ.get("RANK", "0") or 0)  # under `accelerate launch`, only process 0 talks
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stderr)
     _quiet_libraries()
@@ -229,13 +232,14 @@ def _relaunch(num_processes: int) -> None:
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [sys.executable, "-m", *launcher, "-m", "adapt", *argv]
     log.info("relaunching with %d processes: %s", num_processes, " ".join(cmd))
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    from .signals import wait_forwarding
+
+    raise typer.Exit(wait_forwarding(subprocess.Popen(cmd, env=env)))  # SIGTERM reaches the workers: graceful stop
 
 
 def _train(method_name: str, options: dict) -> None:
     """Shared body of the training commands: configs -> data -> components -> the one loop."""
-    from . import __version__
-    from .config import build, read_recipe, to_dict
+    from .config import build, read_recipe
 
     from .models import model_defaults, resolve_model
 
@@ -271,6 +275,18 @@ def _train(method_name: str, options: dict) -> None:
     if train_cfg.resume and options.get("output") is None:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     out = _output_dir(options.get("output"), method_name, options.get("overwrite", False))
+    from .locks import run_folder
+
+    with run_folder(out):  # one run per folder: a second one is refused here, before anything loads
+        _run(method_name, cfgs, template, model, out)
+
+
+def _run(method_name: str, cfgs: dict, template, model: str | None, out: Path) -> None:
+    """The part of a training command that holds the run folder: data, class images, the loop."""
+    from . import __version__
+    from .models import resolve_model
+
+    data, train_cfg, db = cfgs["data"], cfgs["train"], cfgs.get("dreambooth")
     if train_cfg.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(train_cfg.num_processes)
     train_cfg.num_processes = int(os.environ.get("WORLD_SIZE", train_cfg.num_processes))  # as launched (also by accelerate launch)
@@ -295,6 +311,7 @@ def _train(method_name: str, options: dict) -> None:
         if db is not None and db.prior_preservation:
             examples += _class_examples(model, data, db, resolution)
 
+    from .config import to_dict
     from .models import load_components
     from .train import train
 

@@ -16,6 +16,7 @@ from .errors import AdaptError
 from PIL import Image
 
 from .images import IMAGE_SUFFIXES, load_rgb
+from .untrusted import check_caption, check_pixels, read_caption
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def instance_examples(folder: str | Path, token: str | None, template: str | lis
                 continue
             try:
                 row = json.loads(line)
-                captions[row.get("file_name") or row["file"]] = row.get("text") or row["caption"]
+                captions[row.get("file_name") or row["file"]] = check_caption(row.get("text") or row["caption"], f"{meta} line {n}")
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise AdaptError(f"{meta} line {n}: expected JSON with 'file_name' and 'text' keys") from None
     templates = [template] if isinstance(template, str) else list(template)
@@ -92,7 +93,7 @@ def instance_examples(folder: str | Path, token: str | None, template: str | lis
     out = []
     for img in images:
         txt = img.with_suffix(".txt")
-        caption = txt.read_text().strip() if txt.is_file() else captions.get(img.name)
+        caption = read_caption(txt) if txt.is_file() else captions.get(img.name)
         for text in [caption] if caption else templates:
             out.append(Example(img, fill_prompt(text, token, class_word)))
     return out
@@ -109,6 +110,7 @@ def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[in
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) as load_rgb will see it, from the header only (EXIF rotation swaps sides)."""
     with Image.open(path) as img:
+        check_pixels(img, path)
         w, h = img.size
         return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
 
@@ -269,6 +271,7 @@ def dataset_examples(name_or_path: str, image_column: str, caption_column: str, 
         caption = row[caption_column]
         if not isinstance(caption, str):
             raise AdaptError(f"dataset column {caption_column!r} does not hold text (row {i} is {type(caption).__name__})")
+        check_caption(caption, f"dataset row {i}")
         file = folder / f"{i:05d}.png"
         if not file.is_file():
             save_image(to_rgb(image), file)

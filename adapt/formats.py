@@ -64,10 +64,13 @@ def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool
     """
     from safetensors import SafetensorError, safe_open
 
+    from .untrusted import check_safetensors
+
     path = Path(path)
     if not path.is_file():
         raise AdaptError(f"{what} file {path} not found")
     try:
+        check_safetensors(path)  # a crafted or truncated header: a ValueError naming the tensor, nothing allocated
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:

@@ -34,7 +34,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
+    from .untrusted import check_pixels
+
     with Image.open(path) as img:
+        check_pixels(img, path)  # from the header, before decoding
         img.load()
         return to_rgb(img)
 

@@ -15,6 +15,7 @@ from .formats import read_safetensors
 from .loras import is_kohya, parse_lora, write_lora
 from .models import quiet_libraries, resolve_model
 from .schedulers import make_scheduler
+from .untrusted import check_finite
 
 log = logging.getLogger("adapt")
 
@@ -83,6 +84,7 @@ def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool
 
     token, emb = read_embedding(path, token, allow_pickle)
     per_encoder = emb if isinstance(emb, dict) else {"text_encoder": emb}
+    check_finite(per_encoder, path, "embedding")
     if set(per_encoder) != {"text_encoder", *(["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) else [])}:
         raise AdaptError(f"embedding {path} is for {'SDXL (clip_l + clip_g)' if 'text_encoder_2' in per_encoder else 'one text encoder (SD 1.x/2.x)'}, "
                          "not for this model; was it made for another architecture?")
@@ -115,10 +117,11 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False) 
     with tempfile.TemporaryDirectory() as tmp:
         for i, (path, weight) in enumerate(loras):
             tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
+            parsed = parse_lora(tensors, meta, path)  # a broken or crafted file stops here, with one line
             # Pickles, and kohya files (diffusers' kohya reader cannot place text-encoder LoRAs without
             # out_proj, e.g. our q/k-only ones), go to diffusers through our own diffusers-layout copy.
             if meta.get("adapt.pickle") or is_kohya(tensors):
-                path = write_lora(Path(tmp) / f"{i}.safetensors", parse_lora(tensors, meta, path))
+                path = write_lora(Path(tmp) / f"{i}.safetensors", parsed)
             name = f"lora_{i}"
             try:
                 pipe.load_lora_weights(str(path), adapter_name=name)

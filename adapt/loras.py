@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import AdaptError
 from .fileio import atomic_path
+from .untrusted import check_lora_pair
 
 FORMATS = ("diffusers", "kohya")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -153,9 +154,12 @@ def parse_lora(tensors: dict, meta: dict, path: str | Path) -> dict[str, Lora]:
     for key, p in parts.items():
         if "down" not in p or "up" not in p:
             raise AdaptError(f"{path}: module {key} lacks its {'up' if 'down' in p else 'down'} weight")
+        check_lora_pair(key, p["down"], p["up"], path)
         rank = int(p["down"].shape[0])
         component, module_path = key.split(".", 1)
         alpha = float(p["alpha"]) if "alpha" in p else _peft_alpha(meta, component, module_path, rank)
+        if not math.isfinite(alpha):
+            raise AdaptError(f"LoRA file {path}: module {key} has alpha {alpha}; the file is broken: use another file")
         loras[key] = Lora(p["down"].float(), p["up"].float(), alpha)
     return loras
 

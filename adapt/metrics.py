@@ -47,7 +47,7 @@ def _as_rgb(item: Any) -> Image.Image:
             raise AdaptError(f"image not found: {path}")
         try:
             return load_rgb(path)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise AdaptError(f"cannot read image {path}: {e}") from e
     raise TypeError(f"features() takes PIL images or file paths, not {type(item).__name__}")
 

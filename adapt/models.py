@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdaptError
+from .untrusted import check_model_folder_files
 
 log = logging.getLogger("adapt")
 
@@ -76,6 +77,7 @@ def check_model_folder(path: Path) -> Path:
     if missing:
         raise AdaptError(f"model folder {path} lacks the component(s) {', '.join(missing)}; "
                          "pass a complete diffusers Stable Diffusion pipeline folder")
+    check_model_folder_files(path)  # no code shipped with the model runs; broken weights headers are named
     return path
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import TrainConfig
-from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, resume, save_checkpoint
 from .data import BatchOrder, Example, crop_geometry, load_pixels, loss_weights, target_size
 from .errors import AdaptError
+from .signals import graceful_stop
 
 log = logging.getLogger("adapt")
 
@@ -95,13 +96,14 @@ def _release(components, name: str) -> None:
         torch.cuda.empty_cache()
 
 
+@graceful_stop
 def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir: str | Path, *,
           resolution: int, random_flip: bool = False, bucket_step: int | None = None, recipe: dict | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, stop=None) -> dict:
     """Train `method` on `examples`; write metrics.jsonl, loss.png, report.md and the method's
     artifact to out_dir. Runs as one process or as one of several (accelerate launch): every
     process draws the randomness of the whole global batch and trains on its share, so N
-    processes x batch B equal one process x batch N*B."""
+    processes x batch B equal one process x batch N*B. SIGTERM/SIGINT: see signals.py."""
     import contextlib
 
     import torch
@@ -205,14 +207,14 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     data_rng, step_rng = generators["data"], generators["step"]
     ckpt_root = out_dir / "checkpoints"
     step, losses = 0, []
+    world = {"num_processes": n_proc, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "device": device.type}
     if cfg.resume:
-        loop = load_checkpoint(find_checkpoint(ckpt_root, cfg.resume), named_params, optimizer, lr_scheduler,
-                               accelerator.scaler, generators)
-        if recipe is not None and loop.get("recipe") is not None and _without_run_keys(loop["recipe"]) != _without_run_keys(recipe):
-            raise AdaptError("the checkpoint was made with another recipe (model, method, data or hyper-parameters differ); "
-                             "resume with the same settings, or start a new --output")
+        loop = resume(ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators, world, recipe)
         step, losses, order.pending = loop["step"], loop["losses"], loop["pending"]
-        log.info("resumed from step %d", step)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(ckpt_root, step, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
+                               {"losses": losses, "pending": order.pending, "recipe": recipe, "world": world}, cfg.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,12 +308,13 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         lr = lr_scheduler.get_last_lr()[0]
         if cfg.log_with:
             accelerator.log({"loss": running, "lr": lr}, step=step)
+        saved = None
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": running, "lr": lr}) + "\n")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_checkpoint(ckpt_root, step, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
-                                {"losses": losses, "pending": order.pending, "recipe": recipe}, cfg.keep_checkpoints)
+                saved = checkpoint()
+        stop.check(accelerator, step, cfg.steps, saved, checkpoint)  # SIGTERM/SIGINT: checkpoint, then Stopped
         if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.steps:
             validate(f"step-{step:06d}")
         accelerator.wait_for_everyone()
@@ -399,16 +402,6 @@ def _metric_rows(path: Path, upto: int) -> list[dict]:
     if not upto or not path.is_file():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
-
-
-def _without_run_keys(recipe: dict) -> dict:
-    """The parts of a recipe that must match to resume: all but the run length, checkpointing,
-    logging and validation settings (they do not change what is learned)."""
-    out = json.loads(json.dumps(recipe))
-    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "skip_nonfinite", "log_with",
-                "validation_prompt", "validation_every", "validation_steps"):
-        out.get("train", {}).pop(key, None)
-    return out
 
 
 def plot_losses(losses: Iterable[float], path: Path, size=(640, 360)) -> None:

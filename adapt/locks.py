@@ -1,0 +1,139 @@
+"""One writer per folder: a run folder, or a class-image cache shared by several runs.
+
+The lock is an exclusive `flock` on FOLDER/.adapt.lock, a file that also holds the holder's PID
+and host (for the messages only). The kernel drops a flock when its process dies, however it
+dies, so a lock left by a killed run is stale by construction: the next run takes it over and
+says whose it was. The file is removed on release; a process that opened it just before that
+sees another inode at the path and tries again, so two processes never both hold the lock.
+Unix only (fcntl); on a network filesystem this is as good as its flock emulation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import AdaptError
+
+log = logging.getLogger("adapt")
+LOCK_FILE = ".adapt.lock"
+
+
+class FolderLock:
+    """`with FolderLock(folder, "a training run"):` holds the folder; wait=False refuses at once
+    when another live process holds it, wait=True waits for it (saying for whom)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str, wait: bool = False):
+        self.folder, self.what, self.wait = Path(folder), what, wait
+        self.path = self.folder / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _describe(_read(fd))
+                if not self.wait:
+                    os.close(fd)
+                    raise AdaptError(f"{self.folder} is in use by {holder}, {self.what}; wait for it to finish, stop it, "
+                                     "or choose another folder") from None
+                log.info("waiting for %s, which is writing %s in %s", holder, self.what, self.folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        before = _read(fd)
+        if before.get("pid") and before != _me():
+            log.warning("%s: took over the lock of %s, which is no longer running (a killed run)", self.folder,
+                        _describe(before))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_me()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            if _same_file(self.fd, self.path):
+                self.path.unlink(missing_ok=True)
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _read(fd: int) -> dict:
+    try:
+        value = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return value if isinstance(value, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    pid, host = holder.get("pid", "?"), holder.get("host")
+    return f"PID {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def remove_partial_files(folder: str | os.PathLike) -> int:
+    """Delete what interrupted atomic writes left (`.NAME.*.tmp` files, `.NAME.*.partial` folders)
+    in `folder` and one level below; only call it while holding the folder's lock."""
+    import shutil
+
+    folder, removed = Path(folder), 0
+    if not folder.is_dir():
+        return 0
+    for leftover in [*folder.glob(".*.tmp"), *folder.glob(".*.partial"), *folder.glob("*/.*.tmp"), *folder.glob("*/.*.partial")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d partial file(s) left in %s by an interrupted write", removed, folder)
+    return removed
+
+
+def held_elsewhere(folder: Path) -> bool:
+    """True in a worker of `adapt --num-processes N`: its launcher holds the run folder's lock."""
+    return os.environ.get("ADAPT_RUN_LOCK") == str(Path(folder).resolve())
+
+
+@contextmanager
+def run_folder(out: Path):
+    """Hold the run folder `out` for this run (refused at once if a live run holds it) and clear
+    what an interrupted run's atomic writes left there. Workers of a multi-process run leave it to
+    the process that launched them (or, under an outside launcher, to rank 0)."""
+    if held_elsewhere(out) or int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    before = os.environ.get("ADAPT_RUN_LOCK")
+    with FolderLock(out, "a training run"):
+        remove_partial_files(out)
+        os.environ["ADAPT_RUN_LOCK"] = str(Path(out).resolve())  # for the workers of --num-processes
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("ADAPT_RUN_LOCK", None)
+            else:
+                os.environ["ADAPT_RUN_LOCK"] = before
