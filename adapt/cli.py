@@ -395,7 +395,7 @@ The token (and token_1..token_{N-1} with --num-vectors N) is added to the tokeni
 --init-token's embedding; only those rows train, everything else stays bit-identical. Images
 without a caption file are trained under prompt templates (--property object|style). Saved as
 learned_embeds.safetensors ({token: [N, dim]}, diffusers' load_textual_inversion format);
---format a1111 also writes the A1111/ComfyUI file.
+--format a1111 also writes the A1111/ComfyUI file <token>.safetensors (the prompt word there).
 \b
 Example:
   adapt textual-inversion --images examples/cat --token "<cat-toy>" --init-token cat --output outputs/cat-ti
