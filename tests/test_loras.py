@@ -304,3 +304,25 @@ def test_keys_that_fit_no_module_stop_convert_merge_and_generate_unless_lenient(
     lenient = load_pipeline(str(tiny_model), "euler", loras=[(str(other), 1.0)], lenient=True)
     ours = generate(lenient, [PROMPT] * 2, [0, 1], steps=4)
     assert np.array_equal(np.stack([np.asarray(i, dtype=np.int16) for i in ours]), _images(tiny_model, [(a, 1.0)]))
+
+
+def test_merge_into_model_keeps_the_base_scheduler_and_standard_clip_keys(tiny_model, two_loras, tmp_path,
+                                                                         standard_clip_keys):
+    import json
+    import shutil
+
+    _, b = two_loras  # with a text-encoder LoRA: the text encoder is saved too
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "adapt.json").write_text(json.dumps({"guidance": 3.0}))
+    out = tmp_path / "fused"
+    code, log = run("merge", "--lora", f"{b}:0", "--into-model", out, "--model", base)
+    assert code == 0, log
+    assert (out / "scheduler" / "scheduler_config.json").read_bytes() == (base / "scheduler" / "scheduler_config.json").read_bytes()
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == \
+        json.loads((base / "model_index.json").read_text())["scheduler"]
+    assert json.loads((out / "adapt.json").read_text()) == {"guidance": 3.0}
+    standard_clip_keys(out / "text_encoder")
+    # weight 0 fused: the folder samples exactly like its base, with any scheduler
+    fused = generate(load_pipeline(str(out), "ddim"), [PROMPT], [0], steps=4)[0]
+    assert np.array_equal(np.asarray(fused), np.asarray(generate(load_pipeline(str(base), "ddim"), [PROMPT], [0], steps=4)[0]))
