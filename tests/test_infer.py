@@ -101,6 +101,6 @@ def test_bad_lora_files_are_clear_errors(tiny_model, tmp_path):
 
     wrong = tmp_path / "wrong.safetensors"
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight"
-    save_file({key: torch.zeros(4, 999), key.replace("down", "up"): torch.zeros(32, 4)}, str(wrong))
+    save_file({key: torch.zeros(4, 999), key.replace("lora.down", "lora.up"): torch.zeros(32, 4)}, str(wrong))
     with pytest.raises(AdaptError, match="does not fit this model"):
         load_pipeline(str(tiny_model), "euler", loras=[(str(wrong), 1.0)])
