@@ -412,7 +412,7 @@ The token (and token_1..token_{N-1} with --num-vectors N) is added to the tokeni
 --init-token's embedding; only those rows train, everything else stays bit-identical. Images
 without a caption file are trained under prompt templates (--property object|style). Saved as
 learned_embeds.safetensors ({token: [N, dim]}, diffusers' load_textual_inversion format);
---format a1111 also writes the A1111/ComfyUI file.
+--format a1111 also writes the A1111/ComfyUI file <token>.safetensors (the prompt word there).
 \b
 Example:
   adapt textual-inversion --images examples/cat --token "<cat-toy>" --init-token cat --output outputs/cat-ti
@@ -472,6 +472,7 @@ def _guidance(model: str | None, guidance: float | None) -> float:
 
 
 Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
+Lenient = Annotated[bool, typer.Option(help="Leave out LoRA keys that fit no module (of the model, or of any SD/SDXL model) with a warning, instead of stopping.")]
 AllowPickle = Annotated[bool, typer.Option(help="Also read pickle LoRA/embedding files (.pt/.bin/.ckpt), tensors only, with a warning. Only for files you trust.")]
 Embedding = Annotated[Optional[List[str]], typer.Option(help="Textual-inversion embedding (diffusers or A1111 safetensors), FILE[:TOKEN] to rename; repeatable.")]
 
@@ -501,7 +502,7 @@ Example:
 def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
              fuse: Annotated[bool, typer.Option(help="Fuse the LoRAs into the weights before sampling (faster; same images within float tolerance).")] = False,
-             allow_pickle: AllowPickle = False,
+             allow_pickle: AllowPickle = False, lenient: Lenient = False,
              scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = None,
              negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
@@ -514,7 +515,8 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
 
     from .infer import generate as render, load_pipeline, write_images
 
-    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings, fuse=fuse, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings, fuse=fuse, allow_pickle=allow_pickle,
+                         lenient=lenient)
     guidance = _guidance(model, guidance)
     seeds = [seed + i for i in range(num_images)]
     images = render(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance,
@@ -565,7 +567,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              seed: Annotated[int, typer.Option(help="Seed of the first prompt; prompt i uses seed+i unless its line sets one.")] = 0,
              size: Size = None,
              batch_size: Annotated[int, typer.Option(help="Images rendered at once.")] = 8,
-             allow_pickle: AllowPickle = False,
+             allow_pickle: AllowPickle = False, lenient: Lenient = False,
              output: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and grid.png. Default: outputs/eval-<timestamp>.")] = None):
     from .evaluate import format_table, read_prompts, run_eval
 
@@ -592,7 +594,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
 
     def renderer(model_name, lora_list, embedding_list=()):
         pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,
-                             embeddings=embedding_list, allow_pickle=allow_pickle)
+                             embeddings=embedding_list, allow_pickle=allow_pickle, lenient=lenient)
         return lambda ps, ss: render(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
 
     compare = renderer(compare_model, compare_loras) if (compare_model or compare_loras) else None
@@ -617,7 +619,7 @@ def merge(lora: Lora = None,
           model: Model = None,
           rank: Annotated[Optional[int], typer.Option(help="With --output: approximate the sum at this rank by SVD and print the relative error.")] = None,
           format: Annotated[str, typer.Option("--format", help="Layout of --output: diffusers or kohya.")] = "diffusers",
-          overwrite: Overwrite = False, allow_pickle: AllowPickle = False):
+          overwrite: Overwrite = False, allow_pickle: AllowPickle = False, lenient: Lenient = False):
     loras = _loras(lora)
     if not loras:
         raise AdaptError("nothing to merge; pass --lora FILE[:WEIGHT] (repeatable)")
@@ -627,36 +629,40 @@ def merge(lora: Lora = None,
     if target.exists() and not overwrite:
         raise AdaptError(f"{target} already exists; pass another path or --overwrite to replace it")
     if output is not None:
+        from .lora_names import is_sdxl
         from .loras import FORMATS, combine, read_lora, reduce_rank, write_lora
 
         if format not in FORMATS:
             raise AdaptError(f"unknown LoRA format {format!r}; choose one of: {', '.join(FORMATS)}")
-        merged = combine([(read_lora(p, allow_pickle)[0], w) for p, w in loras])
+        read = [(read_lora(p, allow_pickle, lenient), w) for p, w in loras]
+        merged = combine([(modules, w) for (modules, _), w in read])
         if rank is not None:
             merged, err = reduce_rank(merged, rank)
             typer.echo(f"rank {rank}: relative error ||dW - dW_r|| / ||dW|| = {err:.6f}")
         meta = {"adapt.merge": json.dumps({"loras": [{"file": p, "weight": w} for p, w in loras], "rank": rank})}
-        write_lora(output, merged, format, meta)
+        write_lora(output, merged, format, meta, sdxl=any(is_sdxl(modules, m) for (modules, m), _ in read))
         log.info("wrote %s (%s layout, rank %d)", output, format, next(iter(merged.values())).rank)
         return
     if rank is not None:
         raise AdaptError("--rank applies to --output (a LoRA file), not to --into-model")
     import torch
 
-    from .fileio import atomic_dir
+    from .formats import save_fused_pipeline
     from .infer import load_pipeline
+    from .models import resolve_model
 
-    pipe = load_pipeline(model, device="cpu", dtype=torch.float32, loras=loras, fuse=True, allow_pickle=allow_pickle)
-    with atomic_dir(into_model) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        from .fileio import write_json
-
-        write_json(tmp / "recipe.json", {"method": "merge", "base_model": str(model or "bundled"),
-                                         "loras": [{"file": p, "weight": w} for p, w in loras]})
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32, loras=loras, fuse=True, allow_pickle=allow_pickle,
+                         lenient=lenient)
+    save_fused_pipeline(pipe, resolve_model(model), into_model, {"method": "merge", "base_model": str(model or "bundled"),
+                                                                 "loras": [{"file": p, "weight": w} for p, w in loras]})
     log.info("wrote model folder %s with %d LoRA(s) fused", into_model, len(loras))
 
 
 @app.command(help="""Convert a LoRA file between the diffusers/peft and kohya/A1111/ComfyUI layouts.
+
+\b
+Kohya-layout SDXL files name UNet blocks as Stability does (input_blocks / middle_block /
+output_blocks), as kohya's trainer writes them; the reader takes either block naming.
 
 \b
 Example:
@@ -666,7 +672,7 @@ Example:
 def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert (either layout).")],
             to: Annotated[str, typer.Option(help="Target layout: kohya or diffusers.")],
             output: Annotated[Path, typer.Option(help="Where to write the converted file.")],
-            overwrite: Overwrite = False, allow_pickle: AllowPickle = False):
+            overwrite: Overwrite = False, allow_pickle: AllowPickle = False, lenient: Lenient = False):
     from .loras import FORMATS, read_lora, write_lora
 
     if to not in FORMATS:
@@ -675,7 +681,7 @@ def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert 
         raise AdaptError(f"LoRA file {file} not found")
     if output.exists() and not overwrite:
         raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
-    loras, meta = read_lora(file, allow_pickle)
+    loras, meta = read_lora(file, allow_pickle, lenient)
     keep = {k: v for k, v in meta.items() if k.startswith(("adapt.", "ss_")) and k not in ("ss_network_dim", "ss_network_alpha")}
     write_lora(output, loras, to, keep)
     log.info("wrote %s (%s layout, %d modules)", output, to, len(loras))

@@ -63,7 +63,7 @@ class LoraConfig:
     alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to the rank (scale 1).")
     targets: list[str] = _f(("q", "k"), "UNet attention projections to adapt: any of q,k,v,out (or module names like to_q).")
     train_text_encoder: bool = _f(False, "Also put LoRA on the text encoder's q_proj/k_proj.")
-    format: str = _f("diffusers", "LoRA file layout: diffusers (pytorch_lora_weights.safetensors) or kohya (A1111/ComfyUI, <run>.safetensors).")
+    format: str = _f("both", "LoRA file(s): both, diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI/A1111, <run folder>.safetensors).")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -73,7 +73,7 @@ class LoraConfig:
             raise AdaptError("--targets is empty; choose from q,k,v,out")
         if self.rank < 1:
             raise AdaptError(f"--rank must be >= 1, got {self.rank}")
-        _choice("LoRA format", self.format, ("diffusers", "kohya"))
+        _choice("LoRA format", self.format, ("both", "diffusers", "kohya"))
         if self.alpha is None:
             self.alpha = float(self.rank)
 

@@ -1,4 +1,9 @@
-"""Atomic file writes: a file appears whole or not at all (write a temporary name, then rename)."""
+"""Atomic file writes: a file appears whole or not at all (write a temporary name, then rename).
+
+What appears has the permissions of a plain new file under the user's umask (0644 files, 0755
+folders under umask 022), whatever the writer did to the temporary name: mkstemp makes 0600
+files, and safetensors replaces the file it writes with one of its own, 0600 too.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file gets the usual permissions
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -42,9 +47,9 @@ def atomic_dir(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
-    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _usual_modes(tmp)
         if path.is_dir():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -67,6 +72,18 @@ def _disk_full(error: BaseException, path: Path) -> None:
 
         raise AdaptError(f"no space left on the device while writing {path}; nothing was replaced. "
                          "Free some space (or choose another --output) and run again (--resume latest continues a run)") from None
+
+
+def _usual_modes(folder: Path) -> None:
+    """Every folder and plain file under `folder` (itself included) gets the umask's default mode."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 def _umask() -> int:

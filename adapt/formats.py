@@ -1,19 +1,26 @@
 """Reading and writing artifacts: LoRA files and pipeline folders, always with their recipe.
 
-LoRA files use the diffusers/peft key layout (`unet.<module path>.lora_A.weight` / `lora_B`) and
-carry peft's adapter config under the `lora_adapter_metadata` key exactly as diffusers'
-`save_lora_weights` writes it, so `load_lora_weights` rebuilds the same alpha/rank scale. The
-run's recipe is stored beside it under `adapt.recipe`.
+A LoRA run writes two small files by default: `pytorch_lora_weights.safetensors` in diffusers'
+layout (with peft's adapter config in `lora_adapter_metadata`, as `save_lora_weights` writes it,
+so `load_lora_weights` rebuilds the same alpha/rank scale) and `<run folder>.safetensors` in
+kohya's layout, the one ComfyUI and A1111/Forge load. The recipe is inside both (`adapt.recipe`).
+
+Pipeline folders keep the standard CLIP key layout (`text_model.` prefix, as transformers 4.x
+writes it and ComfyUI detects it), which transformers 5 still reads; they keep the base's
+scheduler config and `adapt.json`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from .errors import AdaptError
 from .fileio import atomic_dir, atomic_path, write_json
+
+log = logging.getLogger("adapt")
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RECIPE_FILE = "recipe.json"
@@ -23,6 +30,7 @@ def peft_loras(components) -> dict:
     """The trained peft adapters of the UNet / text encoder as {component.module_path: Lora}."""
     from peft.utils import get_peft_model_state_dict
 
+    from .lora_names import module_key
     from .loras import Lora
 
     out = {}
@@ -36,20 +44,32 @@ def peft_loras(components) -> dict:
             if ".lora_A." in key:
                 path = key.split(".lora_A.")[0]
                 up = state[key.replace(".lora_A.", ".lora_B.")]
-                out[f"{prefix}.{path}"] = Lora(down.detach().float().cpu(), up.detach().float().cpu(), alpha)
+                out[module_key(prefix, path)] = Lora(down.detach().float().cpu(), up.detach().float().cpu(), alpha)
     return out
 
 
-def save_lora(components, out_dir, recipe: dict, fmt: str = "diffusers") -> Path:
-    """The run's LoRA file: diffusers layout as `pytorch_lora_weights.safetensors`, or kohya
-    layout as `<run folder name>.safetensors` (the name A1111 shows), with the recipe inside."""
+def save_lora(components, out_dir, recipe: dict, fmt: str = "both") -> list[Path]:
+    """The run's LoRA file(s), each with the recipe inside: diffusers layout as
+    `pytorch_lora_weights.safetensors`, kohya layout as `<run folder name>.safetensors` (the name
+    ComfyUI and A1111 show), or both (`fmt`)."""
     from .loras import write_lora
 
     out_dir = Path(out_dir)
-    name = LORA_FILE if fmt == "diffusers" else f"{out_dir.resolve().name}.safetensors"
-    path = write_lora(out_dir / name, peft_loras(components), fmt, {"adapt.recipe": json.dumps(recipe, sort_keys=True)})
+    loras, meta = peft_loras(components), {"adapt.recipe": json.dumps(recipe, sort_keys=True)}
+    written = [write_lora(out_dir / (LORA_FILE if layout == "diffusers" else kohya_file_name(out_dir)), loras, layout, meta,
+                          sdxl=components.is_sdxl)
+               for layout in (("diffusers", "kohya") if fmt == "both" else (fmt,))]
     write_json(out_dir / RECIPE_FILE, recipe)
-    return path
+    for path in written:
+        where = "diffusers' load_lora_weights" if path.name == LORA_FILE else "ComfyUI models/loras, A1111/Forge models/Lora"
+        log.info("LoRA file %s (%s)", path, where)
+    return written
+
+
+def kohya_file_name(out_dir: Path) -> str:
+    """`<run folder name>.safetensors`: the LoRA's name in ComfyUI's and A1111's lists."""
+    name = f"{Path(out_dir).resolve().name}.safetensors"
+    return name if name != LORA_FILE else name.replace(".safetensors", "-kohya.safetensors")
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -110,7 +130,7 @@ def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool
 def save_pipeline(components, out_dir, recipe: dict) -> Path:
     """Write a full diffusers pipeline folder: trained modules from memory, the rest copied from
     the base folder (they did not change, and may have been released after caching). Each
-    component folder appears whole or not at all."""
+    component folder appears whole or not at all, text encoders in the standard CLIP key layout."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(components.source)
@@ -125,11 +145,68 @@ def save_pipeline(components, out_dir, recipe: dict) -> Path:
         if entry.is_dir():
             with atomic_dir(out_dir / entry.name) as tmp:
                 shutil.copytree(entry, tmp, dirs_exist_ok=True)
+                standard_clip_keys(tmp)
         else:
             with atomic_path(out_dir / entry.name) as tmp:
                 shutil.copy2(entry, tmp)
     for name, module in trained.items():
         with atomic_dir(out_dir / name) as tmp:
             module.save_pretrained(tmp, safe_serialization=True)
+            standard_clip_keys(tmp)
     write_json(out_dir / RECIPE_FILE, recipe)
     return out_dir
+
+
+def save_fused_pipeline(pipe, base: Path, out_dir, recipe: dict) -> Path:
+    """`pipe` (LoRAs fused into its weights) as a pipeline folder, whole or not at all, that samples
+    like its base: the base's scheduler config and adapt.json, not the sampler used while fusing."""
+    from .models import DEFAULTS_FILE
+
+    base = Path(base)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(tmp / "scheduler")
+        shutil.copytree(base / "scheduler", tmp / "scheduler")
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["scheduler"] = json.loads((base / "model_index.json").read_text())["scheduler"]
+        write_json(tmp / "model_index.json", index)
+        if (base / DEFAULTS_FILE).is_file():
+            shutil.copy2(base / DEFAULTS_FILE, tmp / DEFAULTS_FILE)
+        for folder in tmp.iterdir():
+            if folder.is_dir():
+                standard_clip_keys(folder)
+        write_json(tmp / RECIPE_FILE, recipe)
+    return Path(out_dir)
+
+
+def standard_clip_keys(folder: Path) -> None:
+    """Give a saved CLIP text encoder (a folder whose config.json says clip_text_model) the
+    standard key layout, `text_model.` before every key but `text_projection`: transformers 5
+    saves CLIPTextModel without it, which transformers 4.x loads as random weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("model_type") != "clip_text_model":
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+            if all(_standard_clip_key(k) == k for k in keys):
+                continue
+            tensors = {_standard_clip_key(k): f.get_tensor(k) for k in keys}
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_standard_clip_key(k): v for k, v in data.get("weight_map", {}).items()}
+        write_json(index, data)
+
+
+def _standard_clip_key(key: str) -> str:
+    return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import AdaptError
 from .formats import read_safetensors
-from .loras import is_kohya, parse_lora, write_lora
+from .lora_names import module_key
+from .loras import is_kohya, parse_lora, report_unplaced, write_lora
 from .models import quiet_libraries, resolve_model
 from .schedulers import make_scheduler
 from .untrusted import check_finite
@@ -43,10 +44,11 @@ def parse_embedding(spec: str) -> tuple[str, str | None]:
 
 def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, device: str | None = None,
                   dtype=None, loras: list[tuple[str, float]] = (), embeddings: list[tuple[str, str | None]] = (),
-                  fuse: bool = False, allow_pickle: bool = False):
+                  fuse: bool = False, allow_pickle: bool = False, lenient: bool = False):
     """A diffusers StableDiffusionPipeline for `model` with the named scheduler, the LoRAs applied
-    and the textual-inversion embeddings loaded. `fuse` folds the LoRAs into the weights (faster
-    sampling, same images within float tolerance) and removes the adapter layers."""
+    (`lenient`: see set_loras) and the textual-inversion embeddings loaded. `fuse` folds the LoRAs
+    into the weights (faster sampling, same images within float tolerance) and removes the adapter
+    layers."""
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -69,7 +71,7 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    set_loras(pipe, loras, allow_pickle)
+    set_loras(pipe, loras, allow_pickle, lenient)
     if fuse and loras:
         pipe.fuse_lora(adapter_names=pipe.get_active_adapters())
         pipe.unload_lora_weights()
@@ -100,11 +102,13 @@ def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool
     return token
 
 
-def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False) -> None:
+def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, lenient: bool = False) -> None:
     """Apply LoRAs, each with its own weight: W + sum_i w_i * (alpha_i / r_i) * B_i A_i.
 
-    Weight 0 adds exact zeros, so it reproduces the base model bit for bit. A pickle LoRA (only
-    with allow_pickle) is read tensors-only and handed to diffusers as a safetensors copy.
+    Weight 0 adds exact zeros, so it reproduces the base model bit for bit. A module the model lacks
+    is an error naming the file (with `lenient`, a warning and the module is left out). Kohya files,
+    pickles (only with allow_pickle, tensors only) and files with modules left out are handed to
+    diffusers as our own diffusers-layout copy; errors always name the user's file.
     """
     import tempfile
 
@@ -113,24 +117,39 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False) 
     # A canonical order: adapters are summed one after the other, and float addition is not
     # associative, so this is what makes the order of --lora flags not matter, bit for bit.
     loras = sorted(loras, key=lambda lw: (str(Path(lw[0]).resolve()), lw[1]))
+    modules = model_modules(pipe)
     names, weights = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (path, weight) in enumerate(loras):
             tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
-            parsed = parse_lora(tensors, meta, path)  # a broken or crafted file stops here, with one line
-            # Pickles, and kohya files (diffusers' kohya reader cannot place text-encoder LoRAs without
-            # out_proj, e.g. our q/k-only ones), go to diffusers through our own diffusers-layout copy.
-            if meta.get("adapt.pickle") or is_kohya(tensors):
-                path = write_lora(Path(tmp) / f"{i}.safetensors", parsed)
+            parsed = parse_lora(tensors, meta, path, lenient)
+            fitting = {k: v for k, v in parsed.items() if k in modules}
+            report_unplaced(path, [k for k in parsed if k not in fitting], len(parsed), lenient, "this model", "modules")
+            if not fitting:
+                raise AdaptError(f"LoRA {path} has no module of this model; was it trained on another base model?")
+            source = path
+            # diffusers' kohya reader cannot place text-encoder LoRAs without out_proj (e.g. our q/k-only ones)
+            if meta.get("adapt.pickle") or is_kohya(tensors) or lenient:
+                source = write_lora(Path(tmp) / f"{i}.safetensors", fitting)
             name = f"lora_{i}"
             try:
-                pipe.load_lora_weights(str(path), adapter_name=name)
+                pipe.load_lora_weights(str(source), adapter_name=name)
             except (ValueError, RuntimeError, KeyError, TypeError) as e:
                 raise AdaptError(f"LoRA {path} does not fit this model ({str(e).splitlines()[0][:200]}); "
                                  "was it trained on another base model?") from None
             names.append(name)
             weights.append(weight)
     pipe.set_adapters(names, adapter_weights=weights)
+
+
+def model_modules(pipe) -> set[str]:
+    """Module keys (lora_names.module_key) of the pipeline's UNet and text encoder(s)."""
+    out = set()
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component, None)
+        if module is not None:
+            out.update(module_key(component, n) for n, _ in module.named_modules() if n)
+    return out
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,

@@ -6,17 +6,19 @@ alpha)}; the module's update is (alpha / rank) * up @ down. Two file layouts are
 * diffusers / peft: `unet.<path>.lora.down.weight` / `.lora.up.weight` (also `lora_A`/`lora_B`,
   `lora_linear_layer`), alpha in the `lora_adapter_metadata` peft config (or `.alpha` keys);
 * kohya / A1111 / ComfyUI: `lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight`,
-  `.alpha`, `lora_te_` / `lora_te1_` / `lora_te2_` for the text encoders, `ss_*` metadata.
+  `.alpha`, `lora_te_` / `lora_te1_` / `lora_te2_` for the text encoders, `ss_*` metadata; SDXL
+  UNet paths in Stability's layout (input_blocks / middle_block / output_blocks), as kohya's
+  trainer writes them. Module names in both layouts: lora_names.py.
 
-Kohya names replace every '.' by '_', so reading them back needs to know which underscores
-belong to a name (`down_blocks`, `to_q`, ...): `from_kohya_name` joins the pieces greedily against
-the identifiers of diffusers' UNet and transformers' CLIP modules; a test checks the round trip
-on every module of the real SD 1.5 and SDXL architectures.
+A key that names no module of an SD/SDXL UNet or CLIP text encoder is an error naming the file
+and the first such keys, or with `lenient` a warning, and the key is left out: nothing is ever
+written with a module that no loader can place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -25,18 +27,12 @@ from pathlib import Path
 from .errors import AdaptError
 from .fileio import atomic_path
 from .untrusted import check_lora_pair
+from .lora_names import SDXL_VERSION, from_kohya_name, is_module_key, is_sdxl, module_key, to_kohya_name
+
+log = logging.getLogger("adapt")
 
 FORMATS = ("diffusers", "kohya")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-SDXL_TE1_PREFIX = "lora_te1_"  # kohya's name for the first text encoder when there are two
-# Identifiers with underscores in diffusers UNet / transformers CLIP module paths.
-_JOINED = sorted({
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
-    "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-    "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
-    "final_layer_norm", "layer_norm1", "layer_norm2", "token_embedding", "position_embedding", "text_projection",
-    "conv_act", "add_time_proj", "encoder_hid_proj", "class_embedding",
-}, key=lambda s: -s.count("_"))
+_KOHYA_SLOTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 
 @dataclass
@@ -61,38 +57,6 @@ class Lora:
         return d.reshape(self.up.shape[0], *self.down.shape[1:]) if self.down.ndim == 4 else d
 
 
-def to_kohya_name(key: str, two_text_encoders: bool = False) -> str:
-    component, path = key.split(".", 1)
-    prefix = SDXL_TE1_PREFIX if (component == "text_encoder" and two_text_encoders) else KOHYA_PREFIX[component]
-    if component.startswith("text_encoder"):
-        path = f"text_model.{path}"
-    return prefix + path.replace(".", "_")
-
-
-def from_kohya_name(name: str) -> str:
-    """Inverse of to_kohya_name. Text-encoder paths are kept without transformers' optional
-    `text_model.` prefix (as the installed CLIPTextModel names its modules)."""
-    prefixes = [*KOHYA_PREFIX.items(), ("text_encoder", SDXL_TE1_PREFIX)]
-    for component, prefix in prefixes:
-        if name.startswith(prefix):
-            break
-    else:
-        raise AdaptError(f"LoRA key {name!r} is neither diffusers nor kohya (lora_unet_/lora_te_) layout")
-    pieces, rest = [], name[len(prefix):]
-    while rest:
-        for ident in _JOINED:
-            if rest == ident or rest.startswith(ident + "_"):
-                pieces.append(ident)
-                rest = rest[len(ident) + 1:]
-                break
-        else:
-            head, _, rest = rest.partition("_")
-            pieces.append(head)
-    if component.startswith("text_encoder") and pieces[:1] == ["text_model"]:
-        pieces = pieces[1:]
-    return f"{component}.{'.'.join(pieces)}"
-
-
 _DIFFUSERS_KEY = re.compile(
     r"^(unet|text_encoder|text_encoder_2)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)(?:\.default)?\.weight$")
 
@@ -115,41 +79,61 @@ def is_kohya(tensors: dict) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te")) for k in tensors)
 
 
-def read_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, Lora], dict]:
+def read_lora(path: str | Path, allow_pickle: bool = False, lenient: bool = False) -> tuple[dict[str, Lora], dict]:
     """(modules, metadata) of a diffusers/peft or kohya LoRA file (safetensors; pickle only with allow_pickle)."""
     from .formats import read_safetensors
 
     tensors, meta = read_safetensors(path, "LoRA", allow_pickle)
-    return parse_lora(tensors, meta, path), meta
+    return parse_lora(tensors, meta, path, lenient), meta
 
 
-def parse_lora(tensors: dict, meta: dict, path: str | Path) -> dict[str, Lora]:
-    """The tensors of a LoRA file (either layout) as {component.module_path: Lora}; `path` names
-    the file in errors."""
+def _place(key: str, kohya: bool) -> tuple[str, str] | None:
+    """(module key, "down" | "up" | "alpha") of one tensor name, or None when it fits no module."""
+    if kohya:
+        name, _, kind = key.partition(".")
+        slot, module = _KOHYA_SLOTS.get(kind), from_kohya_name(name)
+        return (module, slot) if slot and module else None
+    if key.endswith(".alpha"):
+        component, _, path = key[:-len(".alpha")].partition(".")
+        module, slot = module_key(component, path), "alpha"
+    else:
+        m = _DIFFUSERS_KEY.match(key)
+        if not m:
+            return None
+        module, slot = module_key(m.group(1), m.group(2)), "down" if m.group(3).endswith(("down", "A")) else "up"
+    return (module, slot) if is_module_key(module) else None
+
+
+def report_unplaced(path, unplaced: list[str], total: int, lenient: bool, where: str, noun: str = "keys") -> None:
+    """Entries of the LoRA file `path` that fit no module of `where`: an error naming the first of
+    them, or with `lenient` a warning with their count (the caller leaves them out)."""
+    if not unplaced:
+        return
+    first = ", ".join(unplaced[:3]) + (", ..." if len(unplaced) > 3 else "")
+    if lenient:
+        log.warning("%s: left out %d of %d LoRA %s that fit no module of %s (%s)", path, len(unplaced), total, noun, where, first)
+        return
+    raise AdaptError(f"{path}: {len(unplaced)} of {total} LoRA {noun} fit no module of {where}: {first}. Is the file for "
+                     "another model, or a variant adapt does not read (LoHa, LoKr)? Pass --lenient to leave them out")
+
+
+def parse_lora(tensors: dict, meta: dict, path: str | Path, lenient: bool = False) -> dict[str, Lora]:
+    """The tensors of a LoRA file (either layout, either SDXL UNet layout) as {component.module_path:
+    Lora}; `path` names the file in errors. Keys that fit no module: see report_unplaced."""
     if not tensors:
         raise AdaptError(f"{path} holds no tensors; pass a LoRA file")
+    kohya = is_kohya(tensors)
     parts: dict[str, dict] = {}
-    if is_kohya(tensors):
-        for k, v in tensors.items():
-            if k.startswith("lora_te") and not k.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
-                raise AdaptError(f"{path}: unsupported kohya key {k!r}")
-            name, _, kind = k.partition(".")
-            slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(kind)
-            if slot is None:
-                raise AdaptError(f"{path}: unsupported kohya key {k!r} (only plain LoRA: lora_down/lora_up/alpha)")
-            parts.setdefault(from_kohya_name(name), {})[slot] = v
-    else:
-        for k, v in tensors.items():
-            if k.endswith(".alpha"):
-                parts.setdefault(k[:-len(".alpha")], {})["alpha"] = v
-                continue
-            m = _DIFFUSERS_KEY.match(k)
-            if not m:
-                raise AdaptError(f"{path}: unrecognised LoRA key {k!r}; expected diffusers (unet.<path>.lora.down.weight) "
-                                 "or kohya (lora_unet_<path>.lora_down.weight) layout")
-            slot = "down" if m.group(3).endswith(("down", "A")) else "up"
-            module_path = m.group(2).removeprefix("text_model.") if m.group(1) != "unet" else m.group(2)
-            parts.setdefault(f"{m.group(1)}.{module_path}", {})[slot] = v
+    unplaced = []
+    for k, v in tensors.items():
+        placed = _place(k, kohya)
+        if placed is None:
+            unplaced.append(k)
+        else:
+            parts.setdefault(placed[0], {})[placed[1]] = v
+    report_unplaced(path, unplaced, len(tensors), lenient, "a Stable Diffusion UNet or CLIP text encoder")
+    if not parts:
+        raise AdaptError(f"{path}: no key fits a module of a Stable Diffusion UNet or CLIP text encoder; pass a LoRA file")
     loras = {}
     for key, p in parts.items():
         if "down" not in p or "up" not in p:
@@ -185,8 +169,10 @@ def _uniform(loras: dict[str, Lora]) -> dict[str, Lora]:
     return out
 
 
-def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers", metadata: dict | None = None) -> Path:
-    """Write `loras` as one safetensors file in `fmt` (diffusers or kohya), atomically."""
+def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers", metadata: dict | None = None,
+               sdxl: bool | None = None) -> Path:
+    """Write `loras` as one safetensors file in `fmt` (diffusers or kohya), atomically. `sdxl`
+    (default: lora_names.is_sdxl of the modules and metadata) picks kohya's SDXL names."""
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
@@ -194,40 +180,46 @@ def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers",
     if not loras:
         raise AdaptError("nothing to write: the LoRA has no modules")
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    tensors = {}
-    if fmt == "kohya":
-        two = any(k.startswith("text_encoder_2.") for k in loras)
-        for key, lo in sorted(loras.items()):
-            name = to_kohya_name(key, two)
-            tensors[f"{name}.lora_down.weight"] = lo.down.contiguous()
-            tensors[f"{name}.lora_up.weight"] = lo.up.contiguous()
-            import torch
-
-            tensors[f"{name}.alpha"] = torch.tensor(float(lo.alpha))
-        ranks = {lo.rank for lo in loras.values()}
-        alphas = {lo.alpha for lo in loras.values()}
-        meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
-                     "ss_network_alpha": str(max(alphas))})
-    else:
-        loras = _uniform(loras)
-        rank, alpha = next(iter(loras.values())).rank, next(iter(loras.values())).alpha
-        adapter_meta = {}
-        for key, lo in sorted(loras.items()):
-            component, module_path = key.split(".", 1)
-            # diffusers' spelling: `.lora.down` for the UNet, `.lora_linear_layer.down` for text encoders
-            infix = "lora" if component == "unet" else "lora_linear_layer"
-            tensors[f"{key}.{infix}.down.weight"] = lo.down.contiguous()
-            tensors[f"{key}.{infix}.up.weight"] = lo.up.contiguous()
-            adapter_meta.setdefault(f"{component}.r", rank)
-            adapter_meta.setdefault(f"{component}.lora_alpha", alpha)
-            targets = adapter_meta.setdefault(f"{component}.target_modules", [])
-            targets.append(module_path)
-        meta["lora_adapter_metadata"] = json.dumps(adapter_meta, sort_keys=True)
+    if sdxl is None:
+        sdxl = is_sdxl(loras, meta)
+    if sdxl:
+        meta.setdefault("ss_base_model_version", SDXL_VERSION)
+    tensors = _kohya_tensors(loras, meta, sdxl) if fmt == "kohya" else _diffusers_tensors(loras, meta)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def _kohya_tensors(loras: dict[str, Lora], meta: dict, sdxl: bool) -> dict:
+    import torch
+
+    tensors = {}
+    for key, lo in sorted(loras.items()):
+        name = to_kohya_name(key, sdxl)
+        tensors[f"{name}.lora_down.weight"] = lo.down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = lo.up.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(lo.alpha))
+    meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(max(lo.rank for lo in loras.values())),
+                 "ss_network_alpha": str(max(lo.alpha for lo in loras.values()))})
+    return tensors
+
+
+def _diffusers_tensors(loras: dict[str, Lora], meta: dict) -> dict:
+    loras = _uniform(loras)
+    rank, alpha = next(iter(loras.values())).rank, next(iter(loras.values())).alpha
+    tensors, adapter_meta = {}, {}
+    for key, lo in sorted(loras.items()):
+        component, module_path = key.split(".", 1)
+        # diffusers' spelling: `.lora.down` for the UNet, `.lora_linear_layer.down` for text encoders
+        infix = "lora" if component == "unet" else "lora_linear_layer"
+        tensors[f"{key}.{infix}.down.weight"] = lo.down.contiguous()
+        tensors[f"{key}.{infix}.up.weight"] = lo.up.contiguous()
+        adapter_meta.setdefault(f"{component}.r", rank)
+        adapter_meta.setdefault(f"{component}.lora_alpha", alpha)
+        adapter_meta.setdefault(f"{component}.target_modules", []).append(module_path)
+    meta["lora_adapter_metadata"] = json.dumps(adapter_meta, sort_keys=True)
+    return tensors
 
 
 def combine(weighted: list[tuple[dict[str, Lora], float]]) -> dict[str, Lora]:

@@ -254,6 +254,11 @@ SDXL_UNET = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+SDXL_TEXT_2 = dict(  # OpenCLIP bigG/14 text tower (SDXL's second encoder; its first is SD15_TEXT's CLIP-L)
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=49407,
+)
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",
@@ -289,8 +294,8 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str
     return build_pipeline_folder(out_dir, TINY_UNET, TINY_VAE, TINY_TEXT, seed, prediction_type)
 
 
-TINY_SDXL_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+TINY_SDXL_UNET = dict(  # two resnets per level, as every SD/SDXL UNet (Stability's block numbering assumes it)
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
     addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,

@@ -51,3 +51,28 @@ def concept_dir(tmp_path_factory):
 def _run_in_tmp(tmp_path, monkeypatch):
     """Commands that write to ./outputs by default write into the test's own folder."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def standard_clip_keys():
+    """Checks a saved text-encoder folder: its keys are the standard CLIP layout (transformers 4.x
+    names: `text_model.` before all but text_projection), the names of a freshly built model of the
+    same config, and transformers loads exactly those tensors."""
+
+    def check(folder):
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        config = AutoConfig.from_pretrained(folder)
+        cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in config.architectures else CLIPTextModel
+        saved = load_file(str(folder / "model.safetensors"))
+        fresh = cls(config).state_dict()
+        names = {k: k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}" for k in fresh}
+        assert set(saved) == set(names.values())
+        assert {"text_model.embeddings.token_embedding.weight", "text_model.final_layer_norm.weight",
+                "text_model.encoder.layers.0.self_attn.q_proj.weight"} <= set(saved)
+        loaded = cls.from_pretrained(folder).state_dict()
+        assert all(torch.equal(loaded[k], saved[names[k]]) for k in fresh)
+
+    return check

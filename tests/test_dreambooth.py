@@ -93,7 +93,7 @@ def _unet_state(folder):
     return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_full_dreambooth_saves_a_plain_diffusers_pipeline(tiny_model, concept_dir, tmp_path):
+def test_full_dreambooth_saves_a_plain_diffusers_pipeline(tiny_model, concept_dir, tmp_path, standard_clip_keys):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "db"
@@ -114,9 +114,10 @@ def test_full_dreambooth_saves_a_plain_diffusers_pipeline(tiny_model, concept_di
         assert all(torch.equal(a[k], b[k]) for k in a)
     img = pipe("a photo of sks disc", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (16, 16)
+    standard_clip_keys(out / "text_encoder")  # copied from the base, in the standard layout too
 
 
-def test_text_encoder_option_and_default_lr(tiny_model, concept_dir, tmp_path):
+def test_text_encoder_option_and_default_lr(tiny_model, concept_dir, tmp_path, standard_clip_keys):
     from transformers import CLIPTextModel
 
     out = tmp_path / "db-te"
@@ -127,6 +128,7 @@ def test_text_encoder_option_and_default_lr(tiny_model, concept_dir, tmp_path):
     te = CLIPTextModel.from_pretrained(out / "text_encoder").state_dict()
     base = CLIPTextModel.from_pretrained(Path(tiny_model) / "text_encoder").state_dict()
     assert any(not torch.equal(te[k], base[k]) for k in te)
+    standard_clip_keys(out / "text_encoder")  # transformers 4.x and 5 load it; ComfyUI detects it
 
 
 def test_dreambooth_lora_runs_the_lora_method_with_prior_preservation(tiny_model, concept_dir, tmp_path):

@@ -13,7 +13,8 @@ from adapt.config import LoraConfig, TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
-from adapt.loras import combine, from_kohya_name, read_lora, reduce_rank, to_kohya_name
+from adapt.lora_names import from_kohya_name, is_module_key, module_key, to_kohya_name
+from adapt.loras import combine, read_lora, reduce_rank
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
@@ -64,28 +65,81 @@ def _module_names(module):
     return [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
-def test_kohya_names_round_trip_on_the_real_architectures():
+def _real_architectures():
+    """Module names of every Linear/Conv2d of the real SD 1.5 and SDXL UNets and text encoders (meta device)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from adapt.models import SD15_TEXT, SD15_UNET, SDXL_UNET
+    from adapt.models import SD15_TEXT, SD15_UNET, SDXL_TEXT_2, SDXL_UNET
 
     with init_empty_weights():
-        modules = {"unet": [UNet2DConditionModel(**SD15_UNET), UNet2DConditionModel(**SDXL_UNET)],
-                   "text_encoder": [CLIPTextModel(CLIPTextConfig(**SD15_TEXT))]}
-    checked = 0
-    for component, models in modules.items():
-        for m in models:
-            for name in _module_names(m):
-                key = f"{component}.{name.removeprefix('text_model.')}"
-                assert from_kohya_name(to_kohya_name(key)) == key
-                checked += 1
-    assert checked > 1000  # every Linear/Conv2d of both UNets and CLIP-L
+        sd15 = {"unet": UNet2DConditionModel(**SD15_UNET), "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
+        sdxl = {"unet": UNet2DConditionModel(**SDXL_UNET), "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))}
+    return {name: [module_key(c, n) for c, m in model.items() for n in _module_names(m)]
+            for name, model in (("sd15", sd15), ("sdxl", sdxl))}
+
+
+def test_kohya_names_round_trip_on_the_real_architectures():
+    keys = _real_architectures()
+    assert len(keys["sdxl"]) == 794 + 72 + 193 and len(keys["sd15"]) == 282 + 72  # every Linear/Conv2d
+    for arch, sdxl_names in (("sd15", False), ("sdxl", True), ("sdxl", False)):  # SDXL: both UNet layouts read back
+        names = {to_kohya_name(k, sdxl_names) for k in keys[arch]}
+        assert len(names) == len(keys[arch])
+        for key in keys[arch]:
+            assert is_module_key(key) and from_kohya_name(to_kohya_name(key, sdxl_names)) == key, key
     assert to_kohya_name("unet.down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q") == \
         "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q"
     assert to_kohya_name("text_encoder.encoder.layers.3.self_attn.k_proj") == \
         "lora_te_text_model_encoder_layers_3_self_attn_k_proj"
+    assert to_kohya_name("text_encoder.encoder.layers.3.self_attn.k_proj", sdxl=True) == \
+        "lora_te1_text_model_encoder_layers_3_self_attn_k_proj"
+    assert to_kohya_name("text_encoder_2.text_projection", sdxl=True) == "lora_te2_text_projection"
+    assert from_kohya_name("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_qq") is None
+    assert from_kohya_name("lora_unet_input_blocks_3_1_proj_in") is None  # input_blocks.3 is a downsampler
+
+
+# kohya's SDXL UNet (sd-scripts library/sdxl_original_unet.py, Stability's sd_xl_base): transformer
+# depth of each attention block, and hand-checked names from its Stability <-> diffusers block map.
+KOHYA_SDXL_ATTENTION = {"input_blocks_4_1": 2, "input_blocks_5_1": 2, "input_blocks_7_1": 10, "input_blocks_8_1": 10,
+                        "middle_block_1": 10, **{f"output_blocks_{b}_1": 10 for b in (0, 1, 2)},
+                        **{f"output_blocks_{b}_1": 2 for b in (3, 4, 5)}}
+KOHYA_SDXL_NAMES = {
+    "unet.down_blocks.0.resnets.0.conv1": "input_blocks_1_0_in_layers_2",
+    "unet.down_blocks.0.downsamplers.0.conv": "input_blocks_3_0_op",
+    "unet.down_blocks.2.resnets.0.conv_shortcut": "input_blocks_7_0_skip_connection",
+    "unet.mid_block.resnets.1.time_emb_proj": "middle_block_2_emb_layers_1",
+    "unet.up_blocks.1.upsamplers.0.conv": "output_blocks_5_2_conv",
+    "unet.up_blocks.2.resnets.2.conv2": "output_blocks_8_0_out_layers_3",
+    "unet.conv_in": "input_blocks_0_0", "unet.time_embedding.linear_2": "time_embed_2",
+    "unet.add_embedding.linear_1": "label_emb_0_0", "unet.conv_out": "out_2",
+}
+
+
+def test_sdxl_kohya_file_has_kohyas_block_numbering_and_reads_back(tmp_path):
+    from safetensors import safe_open
+
+    from adapt.loras import Lora, write_lora
+
+    keys = _real_architectures()["sdxl"]
+    # every attention Linear + every text-encoder layer's q/k/v/out/fc1/fc2: a full sd-scripts SDXL LoRA (986 modules)
+    modules = [k for k in keys if ".attentions." in k or (k.startswith("text_encoder") and ".layers." in k)]
+    path = write_lora(tmp_path / "sdxl.safetensors", {k: Lora(torch.ones(1, 1), torch.ones(1, 1), 1.0) for k in modules},
+                      "kohya")
+    with safe_open(str(path), "pt") as f:
+        names, meta = {k.split(".")[0] for k in f.keys()}, f.metadata()
+    leaves = [f"attn{a}_{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out_0")] + ["ff_net_0_proj", "ff_net_2"]
+    expected = {f"lora_unet_{block}_{leaf}" for block, depth in KOHYA_SDXL_ATTENTION.items()
+                for leaf in ["proj_in", "proj_out"] + [f"transformer_blocks_{t}_{x}" for t in range(depth) for x in leaves]}
+    assert {n for n in names if n.startswith("lora_unet_")} == expected and len(expected) == 722
+    layers = [f"_self_attn_{x}_proj" for x in ("q", "k", "v", "out")] + ["_mlp_fc1", "_mlp_fc2"]
+    assert {n for n in names if n.startswith("lora_te")} == {
+        f"lora_te{i}_text_model_encoder_layers_{n}{x}" for i, depth in ((1, 12), (2, 32)) for n in range(depth) for x in layers}
+    assert len(names) == 986 and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert read_lora(path)[0].keys() == set(modules)
+    for key, name in KOHYA_SDXL_NAMES.items():
+        assert to_kohya_name(key, sdxl=True) == f"lora_unet_{name}" and from_kohya_name(f"lora_unet_{name}") == key
 
 
 def test_kohya_file_gives_the_same_images_in_adapt_and_plain_diffusers(tiny_model, two_loras, tmp_path):
@@ -121,13 +175,24 @@ def test_kohya_file_gives_the_same_images_in_adapt_and_plain_diffusers(tiny_mode
     assert all(torch.allclose(orig[k].delta(), again[k].delta(), atol=1e-7) for k in orig)
 
 
-def test_lora_command_writes_kohya_layout(tiny_model, concept_dir, tmp_path):
+def test_lora_command_writes_both_layouts_by_default_and_format_picks_one(tiny_model, concept_dir, tmp_path):
+    from safetensors import safe_open
+
+    common = ["lora", "--images", concept_dir, "--token", "<sks>", "--model", tiny_model, "--steps", "2"]
     out = tmp_path / "catlora"
-    code, log = run("lora", "--images", concept_dir, "--token", "<sks>", "--model", tiny_model, "--steps", "2",
-                    "--format", "kohya", "--output", out)
+    code, log = run(*common, "--output", out)
     assert code == 0, log
-    loras, _ = read_lora(out / "catlora.safetensors")
-    assert loras and all(k.startswith("unet.") for k in loras)
+    diffusers, kohya = read_lora(out / "pytorch_lora_weights.safetensors")[0], read_lora(out / "catlora.safetensors")[0]
+    assert diffusers.keys() == kohya.keys() and all(k.startswith("unet.") for k in kohya)
+    assert all(torch.equal(diffusers[k].delta(), kohya[k].delta()) for k in kohya)
+    with safe_open(str(out / "catlora.safetensors"), "pt") as f:  # the layout ComfyUI's LoraLoader and A1111 read
+        assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for k in f.keys())
+        assert "adapt.recipe" in f.metadata()
+    for fmt, present, absent in (("kohya", "kohya.safetensors", "pytorch_lora_weights.safetensors"),
+                                 ("diffusers", "pytorch_lora_weights.safetensors", "diffusers.safetensors")):
+        code, log = run(*common, "--format", fmt, "--output", tmp_path / fmt)
+        assert code == 0, log
+        assert (tmp_path / fmt / present).is_file() and not (tmp_path / fmt / absent).exists()
 
 
 def test_several_loras_order_free_weight_zero_and_fused(tiny_model, two_loras):
@@ -200,3 +265,64 @@ def test_merge_errors(two_loras, tmp_path):
     with pytest.raises(AdaptError, match="disagree on the shape"):
         combine([({"unet.x": Lora(wrong["unet.x.lora.down.weight"], wrong["unet.x.lora.up.weight"], 2.0)}, 1.0),
                  ({"unet.x": Lora(other["unet.x.lora.down.weight"], other["unet.x.lora.up.weight"], 2.0)}, 1.0)])
+
+
+def test_keys_that_fit_no_module_stop_convert_merge_and_generate_unless_lenient(tiny_model, two_loras, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    a, _ = two_loras
+    kohya = tmp_path / "a_kohya.safetensors"
+    assert run("convert", a, "--to", "kohya", "--output", kohya)[0] == 0
+    tensors = load_file(str(kohya))
+    bad = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_qx.lora_down.weight": torch.zeros(1, 32),
+           "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_qx.lora_up.weight": torch.zeros(32, 1),
+           "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a": torch.zeros(32, 1)}
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({**tensors, **bad}, str(mixed))
+    expected = set(read_lora(a)[0])
+
+    out = tmp_path / "converted.safetensors"
+    code, log = run("convert", mixed, "--to", "diffusers", "--output", out)
+    assert code == 2 and str(mixed) in log and "3 of" in log and "to_qx" in log and "--lenient" in log and not out.exists()
+    code, log = run("merge", "--lora", mixed, "--output", out)
+    assert code == 2 and str(mixed) in log and not out.exists()
+    code, log = run("generate", PROMPT, "--model", tiny_model, "--steps", "1", "--lora", mixed, "--output", tmp_path / "g")
+    assert code == 2 and str(mixed) in log and not (tmp_path / "g").exists()
+    with caplog.at_level("WARNING", logger="adapt"):
+        assert run("convert", mixed, "--to", "diffusers", "--output", out, "--lenient")[0] == 0
+        assert run("merge", "--lora", mixed, "--output", tmp_path / "m.safetensors", "--lenient")[0] == 0
+    assert "left out 3 of" in caplog.text
+    assert set(read_lora(out)[0]) == set(read_lora(tmp_path / "m.safetensors")[0]) == expected
+
+    # a module every SD UNet may have but this one lacks: an error naming the user's file (not a temporary copy)
+    other = tmp_path / "other.safetensors"
+    extra = "lora_unet_down_blocks_3_attentions_0_proj_in"
+    save_file({**tensors, f"{extra}.lora_down.weight": torch.zeros(1, 32), f"{extra}.lora_up.weight": torch.zeros(32, 1)},
+              str(other))
+    with pytest.raises(AdaptError, match=f"{other}: 1 of {len(expected) + 1} LoRA modules fit no module of this model"):
+        load_pipeline(str(tiny_model), "euler", loras=[(str(other), 1.0)])
+    lenient = load_pipeline(str(tiny_model), "euler", loras=[(str(other), 1.0)], lenient=True)
+    ours = generate(lenient, [PROMPT] * 2, [0, 1], steps=4)
+    assert np.array_equal(np.stack([np.asarray(i, dtype=np.int16) for i in ours]), _images(tiny_model, [(a, 1.0)]))
+
+
+def test_merge_into_model_keeps_the_base_scheduler_and_standard_clip_keys(tiny_model, two_loras, tmp_path,
+                                                                         standard_clip_keys):
+    import json
+    import shutil
+
+    _, b = two_loras  # with a text-encoder LoRA: the text encoder is saved too
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "adapt.json").write_text(json.dumps({"guidance": 3.0}))
+    out = tmp_path / "fused"
+    code, log = run("merge", "--lora", f"{b}:0", "--into-model", out, "--model", base)
+    assert code == 0, log
+    assert (out / "scheduler" / "scheduler_config.json").read_bytes() == (base / "scheduler" / "scheduler_config.json").read_bytes()
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == \
+        json.loads((base / "model_index.json").read_text())["scheduler"]
+    assert json.loads((out / "adapt.json").read_text()) == {"guidance": 3.0}
+    standard_clip_keys(out / "text_encoder")
+    # weight 0 fused: the folder samples exactly like its base, with any scheduler
+    fused = generate(load_pipeline(str(out), "ddim"), [PROMPT], [0], steps=4)[0]
+    assert np.array_equal(np.asarray(fused), np.asarray(generate(load_pipeline(str(base), "ddim"), [PROMPT], [0], steps=4)[0]))

@@ -240,3 +240,27 @@ def test_no_unsafe_loading_or_evaluation_in_the_package():
             assert "weights_only=True" in call, f"{path}: {call}"
         assert not re.search(r"(?<![.\w])(eval|exec)\(", text), path  # builtins, not module.eval()
         assert "pickle.load" not in text, path
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_files_honour_the_umask(tiny_model, tmp_path, mask):
+    """safetensors replaces the file it writes with a 0600 one; what appears gets the umask's modes,
+    so a UI running as another user (or a shared models folder) can read it."""
+    from adapt.formats import save_fused_pipeline
+    from adapt.infer import load_pipeline
+    from adapt.loras import Lora, write_lora
+    from adapt.methods.textual_inversion import save_embedding
+
+    pipe = load_pipeline(str(tiny_model), "euler", device="cpu", dtype=torch.float32)
+    old = os.umask(mask)
+    try:
+        files = [write_lora(tmp_path / "lora.safetensors", {"unet.conv_in": Lora(torch.ones(1, 4, 3, 3), torch.ones(32, 1, 1, 1), 1.0)}),
+                 *save_embedding({"text_encoder": torch.zeros(1, 32)}, "<tok>", tmp_path / "ti", {}, ("diffusers", "a1111"))]
+        folder = save_fused_pipeline(pipe, tiny_model, tmp_path / "model", {})
+    finally:
+        os.umask(old)
+    files += [p for p in folder.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any(p.suffix == ".safetensors" for p in folder.rglob("*"))
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == \
+        {p.relative_to(tmp_path).as_posix(): oct(0o666 & ~mask) for p in files}
+    assert {oct(p.stat().st_mode & 0o777) for p in [folder, *folder.rglob("*")] if p.is_dir()} == {oct(0o777 & ~mask)}

@@ -88,12 +88,17 @@ def test_sdxl_lora_base_unchanged_and_plain_diffusers_parity(sdxl, concept_dir, 
     from safetensors import safe_open
 
     with safe_open(str(kohya), "pt") as f:
-        names = {k.split("_")[0] + "_" + k.split("_")[1] for k in f.keys()}
-    assert names == {"lora_unet", "lora_te1", "lora_te2"}
+        keys, meta = list(f.keys()), f.metadata()
+    assert {k.split("_")[0] + "_" + k.split("_")[1] for k in keys} == {"lora_unet", "lora_te1", "lora_te2"}
+    # UNet blocks in Stability's layout, as kohya's SDXL trainer writes them (sdxl_merge_lora.py finds them)
+    unet_keys = [k for k in keys if k.startswith("lora_unet_")]
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for k in unet_keys)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert np.abs(_ours(sdxl, PROMPT, loras=[(str(kohya), 1.0)]) - ours).max() <= 1
 
-    # a UNet LoRA in kohya layout loads in plain diffusers too, with the same images. (diffusers'
-    # kohya reader cannot place q/k-only text-encoder LoRAs, so that part is checked through adapt)
+    # a UNet LoRA in kohya layout loads in plain diffusers too (its own Stability -> diffusers block
+    # map), with the same images. (diffusers' kohya reader cannot place q/k-only text-encoder LoRAs,
+    # so that part is checked through adapt)
     unet_only = tmp_path / "unet-only"
     assert run("lora", "--images", concept_dir, "--token", "<sks>", "--model", sdxl, "--steps", "4", "--lr", "2e-2",
                "--format", "kohya", "--output", unet_only)[0] == 0

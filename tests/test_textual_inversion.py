@@ -85,8 +85,9 @@ def test_embedding_gives_the_same_images_as_plain_diffusers(tiny_model, ti_run):
     theirs = plain(prompt, num_inference_steps=4, generator=[torch.Generator().manual_seed(3)]).images
     assert np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
 
-    # the A1111/ComfyUI file under a new name gives the same images with the new name
-    a1111 = ti_run / "disc-toy.a1111.safetensors"
+    # the A1111/ComfyUI file (named as its prompt word in those UIs) under a new name gives the same images
+    a1111 = ti_run / "disc-toy.safetensors"
+    assert sorted(p.name for p in ti_run.glob("*.safetensors")) == ["disc-toy.safetensors", "learned_embeds.safetensors"]
     token, emb = read_embedding(a1111)
     assert token == TOKEN and emb.shape == (2, 32)
     renamed = generate(load_pipeline(str(tiny_model), "euler", embeddings=[(str(a1111), "<other>")]),
@@ -139,3 +140,21 @@ def test_embedding_for_another_model_is_a_clear_error(tiny_model, tmp_path):
     save_file({"<x>": torch.zeros(1, 768)}, str(bad))
     with pytest.raises(AdaptError, match="cannot be loaded"):
         load_pipeline(str(tiny_model), "euler", embeddings=[(str(bad), None)])
+
+
+def test_a1111_file_is_named_as_its_prompt_word(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from adapt.methods.textual_inversion import save_embedding
+
+    emb = {"text_encoder": torch.arange(64.0).reshape(2, 32)}
+    with caplog.at_level("INFO", logger="adapt"):
+        plain = save_embedding(emb, "sksti", tmp_path / "a", {}, ("diffusers", "a1111"))
+    assert [p.relative_to(tmp_path).as_posix() for p in plain] == ["a/learned_embeds.safetensors", "a/sksti.safetensors"]
+    assert "the prompt word there is sksti (ComfyUI: embedding:sksti)" in caplog.text
+    # a token that would take the diffusers file's name: its own folder, both files intact
+    clash = save_embedding(emb, "learned_embeds", tmp_path / "b", {}, ("diffusers", "a1111"))
+    assert [p.relative_to(tmp_path).as_posix() for p in clash] == ["b/learned_embeds.safetensors",
+                                                                   "b/a1111/learned_embeds.safetensors"]
+    assert list(load_file(str(clash[0]))) == ["learned_embeds"] and list(load_file(str(clash[1]))) == ["emb_params"]
+    assert read_embedding(clash[1])[0] == "learned_embeds"

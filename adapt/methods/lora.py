@@ -1,9 +1,10 @@
 """LoRA: low-rank adapters (peft) on the UNet's attention projections, optionally the text encoder's.
 
-Only the adapter weights train; the base weights are never modified. Saved as
+Only the adapter weights train; the base weights are never modified. Saved (formats.save_lora) as
 `pytorch_lora_weights.safetensors` in the diffusers/peft key format that
 `StableDiffusionPipeline.load_lora_weights` reads, with peft's adapter config (so alpha != rank
-loads right) and the run's recipe in the safetensors metadata.
+loads right), and as `<run folder>.safetensors` in the kohya layout ComfyUI and A1111 read; the
+run's recipe is in both files' metadata.
 """
 
 from __future__ import annotations

@@ -5,18 +5,22 @@ tokenizer, the embedding matrix grows, the new rows start from `--init-token`'s 
 optimizer sees the embedding matrix, and after every step all the other rows are copied back from
 the base, so they stay bit-identical; every other parameter is frozen. Prompts that name the token
 expand to all its vectors. Saved as `learned_embeds.safetensors` = {token: [N, dim]} (diffusers'
-`load_textual_inversion` format), optionally also in the A1111/ComfyUI format ({"emb_params"}).
+`load_textual_inversion` format), optionally also in the A1111/ComfyUI format ({"emb_params"}) as
+`<token>.safetensors`, the file name being the prompt word in those UIs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 from ..errors import AdaptError
 from ..fileio import atomic_path, write_json
 from . import Method
+
+log = logging.getLogger("adapt")
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 FORMATS = ("diffusers", "a1111")
@@ -146,15 +150,22 @@ def save_embedding(embeds: dict, token: str, out_dir: Path, recipe: dict, format
             tensors = {"clip_l": embeds["text_encoder"], "clip_g": embeds["text_encoder_2"]}
         else:
             tensors = {token if fmt == "diffusers" else "emb_params": embeds["text_encoder"]}
-        if fmt == "diffusers":
-            path = out_dir / EMBEDS_FILE
-        else:  # A1111 / ComfyUI: the file name is the prompt word
-            path = out_dir / f"{re.sub(r'[^A-Za-z0-9_-]+', '', token) or 'embedding'}.a1111.safetensors"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / EMBEDS_FILE if fmt == "diffusers" else a1111_file(out_dir, token)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         written.append(path)
     return written
+
+
+def a1111_file(out_dir: Path, token: str) -> Path:
+    """`<token>.safetensors`: A1111/Forge and ComfyUI take an embedding's prompt word from its file
+    name. Characters file names cannot carry on every system (`<>:"/\\|?*`, ...) are left out; a
+    name that would clash with the diffusers file goes in its own folder `a1111/`."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "embedding"
+    path = (out_dir / "a1111" if name.lower() == Path(EMBEDS_FILE).stem else out_dir) / f"{name}.safetensors"
+    log.info("A1111/ComfyUI embedding %s: put it in stable-diffusion-webui/embeddings (A1111/Forge) or "
+             "ComfyUI/models/embeddings; the prompt word there is %s (ComfyUI: embedding:%s)", path, name, name)
+    return path
 
 
 def read_embedding(path: str | Path, token: str | None = None, allow_pickle: bool = False):
