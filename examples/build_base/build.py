@@ -122,6 +122,10 @@ def package(out: Path, dest: Path) -> None:
         (dest / name).write_text("".join(json.dumps({**c, "caption": f"{TEMPLATE.format(c['name'])}, {STYLE_PHRASES[c['style']]}"},
                                                     ensure_ascii=False) + "\n" for c in cells))
     strip_build_paths(dest)
+    sys.path.insert(0, str(REPO))
+    from adapt.formats import standard_clip_keys
+
+    standard_clip_keys(dest / "text_encoder")  # `text_model.` keys, which transformers 4.x and 5.x both load
     (dest / "adapt.json").write_text(json.dumps(ADAPT_DEFAULTS, indent=2) + "\n")
     te = json.loads((dest / "text_encoder" / "config.json").read_text())
     vae_stats = json.loads((out / "vae_stats.json").read_text())
