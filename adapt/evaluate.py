@@ -176,10 +176,11 @@ def run_eval(
     ref_by_item = _fidelity(metrics, rows, notes, items, gen_feats, refs_dir, refs_b_dir)
     if style_dirs:
         metrics["styles"] = _styles(rows, items, gen_feats, [Path(d) for d in style_dirs])
-    cmp_images = None
+    cmp_images = cmp_feats = None
     if compare is not None:
         cmp_images = _generate_all(compare, captions, seeds, batch_size, progress, "compare")
-        per_item = _paired_distances(gen_feats, features(cmp_images), "model and compare features")
+        cmp_feats = features(cmp_images)
+        per_item = _paired_distances(gen_feats, cmp_feats, "model and compare features")
         metrics["drift"] = float(per_item.mean())
         for row, d in zip(rows, per_item):
             row["drift"] = float(d)
@@ -189,7 +190,7 @@ def run_eval(
         set_feats = features(list_images(set_dir))
         metrics["set_distance"] = {
             "model": distance_to_set(gen_feats, set_feats),
-            "compare": None if cmp_images is None else distance_to_set(features(cmp_images), set_feats),
+            "compare": None if cmp_feats is None else distance_to_set(cmp_feats, set_feats),
             "set_images": int(set_feats.shape[0]),
         }
     metrics.update(items=rows, notes=notes, config={
