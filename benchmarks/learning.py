@@ -240,6 +240,11 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="keep the runs in this folder")
     p.add_argument("--picture", default=None, help="write the README picture here (e.g. docs/quickstart.png)")
     a = p.parse_args()
+    if not all((Path(a.data) / s).is_dir() for s in (*STYLES, "twemoji")):
+        sys.exit(f"error: {a.data} is not the emoji data folder (one sub-folder per style: {', '.join(STYLES)}, twemoji); "
+                 "pass --data DIR")
+    if not (Path(a.model) / "heldout.jsonl").is_file():
+        sys.exit(f"error: {a.model} has no heldout.jsonl; pass --model with a base built by examples/build_base/build.py")
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="adapt-learning-"))
     work.mkdir(parents=True, exist_ok=True)
     b, only, rate = Bench(Path(a.model).resolve(), Path(a.data).resolve(), work), a.only.split(","), None

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     data, out = Path(a.data), Path(a.out)
+    if not (data / "metadata.jsonl").is_file():
+        raise SystemExit(f"error: {data} has no metadata.jsonl; pass --data with the emoji data folder")
     out.mkdir(parents=True, exist_ok=True)
     cells = select(data / "metadata.jsonl", data)
     train, held = hold_out(cells, HELDOUT_FRACTION, a.seed)
