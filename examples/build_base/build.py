@@ -4,7 +4,7 @@
 
 Stages (each skipped when its output exists, so a killed build continues where it stopped):
   1. select_emoji.py   -> training_set.jsonl + heldout.jsonl: (emoji, style) cells of "Animals &
-                          Nature", "Food & Drink", "Smileys & Emotion" in the five non-Twemoji
+                          Nature", "Food & Drink" and the 12 cats in the five non-Twemoji
                           styles; 6% of the cells held out by a fixed seed
   2. train_vae.py      -> vae/: a small AutoencoderKL (4 latent channels, 64 px -> 16x16 latents),
                           trained on every image of the five styles but the held-out cells
@@ -48,7 +48,7 @@ base that runs offline on a laptop CPU: 64x64 images, 16x16x4 latents.
 
 ## What it was trained on
 
-{n_emoji} emoji ("Animals & Nature", "Food & Drink", "Smileys & Emotion"; the 12 cat emoji among them) in
+{n_emoji} emoji ("Animals & Nature", "Food & Drink", and the 12 cat emoji) in
 five styles, {n_train:,} (emoji, style) cells in `training_set.jsonl`. {n_held} cells (6%, fixed seed) are held
 out in `heldout.jsonl`: each is an emoji the model knows, in a style it knows, never seen together.
 **Twemoji is not in it at all**: it is the style and subject that `examples/cat` teaches.
@@ -58,8 +58,8 @@ Captions (see `examples/build_base/captions.py`), four per cell:
 - `an emoji of {{name}}` with the Unicode name, always;
 - 30%: one to three CLDR keywords, e.g. `an emoji of cat face, kitten, pet`;
 - 60%: a style phrase: {styles}; without one the model samples across the styles;
-- 30%: one or two words no caption otherwise uses (random CLIP-vocabulary words), anywhere, so an
-  unknown word such as `sks` changes nothing; `sks`, `twemoji`, `twitter` and `tweet` are never used;
+- 50%: one or two words no caption otherwise uses (random CLIP-vocabulary words, 30% of them written
+  `<word>`), anywhere, so an unknown word such as `sks` or `<sks>` changes nothing; `sks`, `twemoji`, `twitter` and `tweet` are never used;
 - 10% of the time the caption is empty (classifier-free guidance).
 
 `adapt.json` lists the style phrases and the settings this model recommends for each method.
@@ -149,7 +149,9 @@ def main() -> None:
     p.add_argument("--dest", default=str(REPO / "adapt" / "base"), help="where the finished model goes (package data)")
     p.add_argument("--threads", default="2")
     p.add_argument("--vae-seconds", default="1800", help="wall-clock cap of the VAE's training loop")
-    p.add_argument("--unet-steps", default="3200")
+    p.add_argument("--unet-steps", default="3600")
+    p.add_argument("--vae", default=None, help="reuse this trained VAE folder (re-measured) instead of training one "
+                   "(e.g. adapt/base/vae: its held-out cells contain this build's)")
     a = p.parse_args()
     data, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +160,8 @@ def main() -> None:
     stage("2 vae", (out / "vae" / "diffusion_pytorch_model.safetensors").is_file(),
           [str(HERE / "train_vae.py"), "--images", styles, "--exclude", str(out / "heldout.jsonl"),
            "--heldout-images", str(data / "twemoji"), "--out", str(out), "--threads", a.threads,
-           "--steps", "100000", "--max-train-seconds", a.vae_seconds, "--batch-size", "16", "--ckpt-every", "500"])
+           "--steps", "100000", "--max-train-seconds", a.vae_seconds, "--batch-size", "16", "--ckpt-every", "500",
+           *(["--reuse", str(Path(a.vae).resolve())] if a.vae else [])])
     stage("3 init", (out / "init" / "model_index.json").is_file(),
           [str(HERE / "init_pipeline.py"), "--vae", str(out / "vae"), "--out", str(out / "init"), "--threads", a.threads])
     stage("4 unet + text encoder", (out / "base" / "recipe.json").is_file(),

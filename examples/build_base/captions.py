@@ -7,8 +7,9 @@ Every training cell (emoji, style) gets ``VARIANTS`` captions, drawn with a seed
   ``kitten, pet``), so words shared across emoji (cat, face, fruit) carry meaning of their own;
 - 60%: ``, {style phrase}`` (``noto style``, ``line art style`` ...): a style that can be asked
   for, or left out; without it the model samples across the five styles;
-- 30%: one or two words the captions never use otherwise (drawn from the CLIP vocabulary) put
-  anywhere in the caption, so a word the model has never learned (``sks``) changes nothing;
+- 50%: one or two words the captions never use otherwise (drawn from the CLIP vocabulary) put
+  anywhere in the caption, 30% of them as ``<word>``, so a word the model has never learned
+  (``sks``, ``<sks>``) changes nothing;
 - the training loop drops 10% of captions to "" for classifier-free guidance.
 
 ``RESERVED`` words never appear: the rare tokens users and tests put in prompts (``sks``) and the
@@ -29,7 +30,8 @@ STYLE_PHRASES = {
 }
 TEMPLATE = "an emoji of {}"
 VARIANTS = 4
-P_KEYWORDS, P_STYLE, P_JUNK = 0.3, 0.6, 0.3
+P_KEYWORDS, P_STYLE, P_JUNK = 0.3, 0.6, 0.5
+P_BRACKETS = 0.3  # of junk words written as <word>, the way users write their new tokens
 RESERVED = {"sks", "twemoji", "twitter", "tweet"}
 
 
@@ -59,6 +61,7 @@ def captions_for(cell: dict, rng: random.Random, junk: list[str]) -> list[str]:
         words = ", ".join(parts).split(" ")
         if rng.random() < P_JUNK:
             for _ in range(rng.randint(1, 2)):
-                words.insert(rng.randint(0, len(words)), rng.choice(junk))
+                word = rng.choice(junk)
+                words.insert(rng.randint(0, len(words)), f"<{word}>" if rng.random() < P_BRACKETS else word)
         out.append(" ".join(words))
     return out

@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--measure", type=int, default=0,
                    help="only time this many training steps, write nothing, and exit")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--reuse", default=None, help="a trained VAE folder: skip training, re-measure and export it "
+                        "(its scaling factor kept)")
     p.add_argument("--eval-images", type=int, default=1500,
                    help="use only the first N images for the scaling factor and PSNR "
                         "(0 = all; a smaller number is for quick smoke tests)")
@@ -245,13 +247,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"need at least --batch-size={args.batch_size} images")
 
     vae = build_vae(boc, args.norm_num_groups, sample_size=x_all.shape[-1])
+    if args.reuse:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.reuse)
+        args.steps = args.max_train_seconds = 0
     n_params = sum(p.numel() for p in vae.parameters())
     print(f"AutoencoderKL block_out_channels={boc}: {n_params:,} parameters", flush=True)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.99))
 
     step, elapsed_before = 0, 0.0
-    if ckpt_path.exists() and not args.fresh and not args.measure:
+    if ckpt_path.exists() and not args.fresh and not args.measure and not args.reuse:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["args"]["steps"] != args.steps or ck["args"]["block_out_channels"] != args.block_out_channels:
             raise SystemExit(f"{ckpt_path} was made with different --steps/--block-out-channels; "
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         }, ckpt_path)
 
     lr = args.lr
-    while True:
+    while not args.reuse:
         seconds = elapsed_before + time.time() - t_loop
         prog = progress(step, total, seconds, 0 if args.measure else args.max_train_seconds)
         if prog >= 1.0:
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure:
         print(f"measured {step} steps in {time.time() - t_loop:.1f}s", flush=True)
         return
-    if step % args.ckpt_every:
+    if step % args.ckpt_every and not args.reuse:
         save_ckpt()  # final state, so a re-run after a crash during export skips training
     train_seconds = elapsed_before + time.time() - t_loop
     print(f"training done: {step} steps in {train_seconds:.0f}s", flush=True)
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     x_eval = x_all[pick_eval]
     means, rec = encode_decode(vae, x_eval)
     std = float(means.std())
-    scaling_factor = 1.0 / std
+    scaling_factor = vae.config.scaling_factor if args.reuse else 1.0 / std
     vae.register_to_config(scaling_factor=scaling_factor)
     psnr_noto, psnr_noto_pooled = psnr(rec, x_eval)
     x_held, _ = load_folder(args.heldout_images)
