@@ -149,7 +149,7 @@ def main() -> None:
     p.add_argument("--dest", default=str(REPO / "adapt" / "base"), help="where the finished model goes (package data)")
     p.add_argument("--threads", default="2")
     p.add_argument("--vae-seconds", default="1800", help="wall-clock cap of the VAE's training loop")
-    p.add_argument("--unet-steps", default="3600")
+    p.add_argument("--unet-steps", default="4800")
     p.add_argument("--vae", default=None, help="reuse this trained VAE folder (re-measured) instead of training one "
                    "(e.g. adapt/base/vae: its held-out cells contain this build's)")
     a = p.parse_args()

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--training-set", default=str(BUILD / "training_set.jsonl"))
     p.add_argument("--init", default=str(BUILD / "init"), help="pipeline folder from init_pipeline.py")
     p.add_argument("--out", default=str(BUILD / "base"))
-    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--steps", type=int, default=4800)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
