@@ -153,11 +153,11 @@ def test_overfitting_one_image_drives_the_loss_down(tiny_model, concept_dir, tmp
     c = load_components(tiny_model)
     example = instance_examples(concept_dir, "<sks>", "a photo of {token}")[:1]
     from adapt.data import load_pixels
-    from adapt.data import tokenize as _tokenize
+    from adapt.encode import tokenize
 
     with torch.no_grad():
         latents = c.vae.encode(load_pixels(example[0], 16)[None]).latent_dist.mean * c.vae.config.scaling_factor
-        hidden = c.text_encoder(_tokenize(c.tokenizer, example[0].prompt))[0]
+        hidden = c.text_encoder(tokenize(c, example[0].prompt))[0]
     g = torch.Generator().manual_seed(123)
     n = 64
     noise = torch.randn(n, *latents.shape[1:], generator=g)
@@ -214,3 +214,4 @@ def test_8bit_optimizer_that_cannot_load_is_a_clear_error(tiny_model, concept_di
     with pytest.raises(AdaptError, match="--optimizer adamw8bit needs a working bitsandbytes.*--optimizer adamw"):
         train(load_components(tiny_model), LoraMethod(LoraConfig()), instance_examples(concept_dir, "<sks>", "x"),
               TrainConfig(steps=1, optimizer="adamw8bit"), tmp_path, resolution=16, progress=False)
+
