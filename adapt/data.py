@@ -204,12 +204,6 @@ class BatchOrder:
         return [batch[k * size + rank * self.batch_size + j] for k in range(len(self.members)) for j in range(self.batch_size)]
 
 
-def tokenize(tokenizer, prompt: str):
-    """Prompt -> input_ids [1, 77], padded and truncated as Stable Diffusion does."""
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def loss_weights(batch: list[Example]):
     """Per-sample loss weights: weight / (samples of the same group in the batch).
 

@@ -50,20 +50,15 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     into the weights (faster sampling, same images within float tolerance) and removes the adapter
     layers."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .models import is_sdxl_folder
+    from .models import assemble_pipeline, is_sdxl_folder
 
     quiet_libraries()
     path = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     try:
-        if is_sdxl_folder(path):
-            pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
+        pipe = assemble_pipeline(is_sdxl_folder(path), folder=path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise AdaptError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
     if dtype == torch.float16:

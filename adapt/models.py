@@ -83,7 +83,7 @@ def check_model_folder(path: Path) -> Path:
 
 @dataclass
 class Components:
-    """What the loop and the methods work on. A field becomes None once released (see train.py)."""
+    """What the loop and the methods work on. A field becomes None once released (see encode.py)."""
 
     tokenizer: Any
     text_encoder: Any
@@ -131,44 +131,17 @@ def native_resolution(path: Path) -> int:
         raise AdaptError(f"cannot read the UNet/VAE config in {path} ({e}); pass a complete diffusers model folder") from None
 
 
-def tokenize_prompt(components, prompt: str):
-    """Prompt -> input ids: [1, 77] for SD 1.x/2.x, [1, 2, 77] (one row per tokenizer) for SDXL."""
-    from .data import tokenize
+def assemble_pipeline(sdxl: bool, parts: dict | None = None, *, folder=None, dtype=None):
+    """THE place that builds a StableDiffusionPipeline / StableDiffusionXLPipeline: from `parts` in
+    memory (vae, unet, scheduler, text_encoder[_2], tokenizer[_2]), or loaded from a pipeline
+    `folder` in `dtype`. SD 1.x/2.x pipelines come without a safety checker."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    ids = [tokenize(t, prompt) for t in components.tokenizers]
-    if len(ids) == 1:
-        return ids[0]
-    import torch
-
-    return torch.stack(ids, dim=1)
-
-
-def encode_prompts(components, input_ids) -> dict:
-    """THE place where prompts become the UNet's text conditioning.
-
-    SD 1.x/2.x: {"encoder_hidden_states": last hidden state}. SDXL (as diffusers' SDXL pipeline):
-    the penultimate hidden states of both encoders concatenated, and the second encoder's pooled,
-    projected output as "text_embeds" (an added_cond_kwargs input of the UNet)."""
-    if not components.is_sdxl:
-        return {"encoder_hidden_states": components.text_encoder(input_ids)[0]}
-    hidden = []
-    for i, encoder in enumerate((components.text_encoder, components.text_encoder_2)):
-        out = encoder(input_ids[:, i], output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (the last encoder's is the one kept)
-    import torch
-
-    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
-
-
-def size_conditioning(components, original_size, crop_top_left, target_size) -> dict:
-    """SDXL's micro-conditioning for one image: time_ids = (orig h, orig w, crop top, crop left,
-    target h, target w). Nothing for SD 1.x/2.x. Sizes are (height, width)."""
-    if not components.is_sdxl:
-        return {}
-    import torch
-
-    return {"time_ids": torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)}
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    no_checker = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    if folder is not None:
+        return cls.from_pretrained(folder, torch_dtype=dtype, **no_checker)
+    return cls(**parts, **no_checker, **({} if sdxl else {"feature_extractor": None}))
 
 
 def quiet_libraries() -> None:
@@ -273,18 +246,17 @@ def build_pipeline_folder(out_dir: str | Path, unet: dict, vae: dict, text: dict
     starting point. The tokenizer is the real CLIP one shipped with the package.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline(
+    pipe = assemble_pipeline(False, dict(
         vae=AutoencoderKL(**vae),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
         unet=UNet2DConditionModel(**unet),
         scheduler=DDPMScheduler(**{**SD15_SCHEDULER, "prediction_type": prediction_type}),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    ))
     pipe.save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -306,11 +278,11 @@ def build_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny SDXL-layout model: two CLIP text encoders (the second with a projection, 32-d pooled
     output), a UNet with text_time added conditioning; 16 px images. For tests only."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    pipe = StableDiffusionXLPipeline(
+    pipe = assemble_pipeline(True, dict(
         vae=AutoencoderKL(**TINY_VAE, force_upcast=True),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT, projection_dim=32)),
@@ -318,6 +290,6 @@ def build_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
         unet=UNet2DConditionModel(**TINY_SDXL_UNET),
         scheduler=DDPMScheduler(**SD15_SCHEDULER),
-    )
+    ))
     pipe.save_pretrained(out_dir)
     return Path(out_dir)

@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from adapt.cli import app
+from adapt.encode import size_conditioning
 from adapt.infer import generate, load_pipeline
 from adapt.loras import read_lora
-from adapt.models import build_tiny_sdxl_pipeline, load_components, size_conditioning
+from adapt.models import build_tiny_sdxl_pipeline, load_components
 
 PROMPT = "a photo of <sks>"
 
@@ -51,11 +52,11 @@ def _ours(model, prompt, seeds=(0, 1), **kw):
 
 def test_conditioning_is_made_in_one_place(sdxl, concept_dir):
     from adapt.data import Example, crop_geometry
-    from adapt.models import encode_prompts, tokenize_prompt
+    from adapt.encode import encode_prompts, tokenize
 
     c = load_components(str(sdxl))
     assert c.is_sdxl and c.text_encoder_names == ("text_encoder", "text_encoder_2")
-    cond = encode_prompts(c, tokenize_prompt(c, "a cat"))
+    cond = encode_prompts(c, tokenize(c, "a cat"))
     assert cond["encoder_hidden_states"].shape == (1, 77, 64) and cond["text_embeds"].shape == (1, 32)
     # a 24x24 image trained at 16x16: scaled to 16, no crop; time ids = (24, 24, 0, 0, 16, 16)
     ex = Example(sorted(concept_dir.glob("*.png"))[0], "x")

@@ -32,9 +32,9 @@ class Method:
 
     def tokenize(self, components, prompt: str):
         """Prompt -> input_ids (CLIP padding to 77 tokens; one row per tokenizer for SDXL)."""
-        from ..models import tokenize_prompt
+        from ..encode import tokenize  # here, not at the top: the CLI picks a method before torch loads
 
-        return tokenize_prompt(components, self.prompt(prompt))
+        return tokenize(components, self.prompt(prompt))
 
     def save(self, components, out_dir, recipe: dict) -> None:
         raise NotImplementedError

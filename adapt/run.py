@@ -1,0 +1,180 @@
+"""A training run's state (`Run`) and how it is set up: the accelerator, the trainable parameters
+and where every weight lives, the caches, the optimizer and LR schedule, and resuming from a
+checkpoint. train.py steps a `Run`; nothing here runs a training step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+
+from .checkpoint import resume
+from .config import TrainConfig
+from .data import BatchOrder, Example, target_size
+from .encode import LatentCache, TextCache, release, size_conditions
+from .errors import AdaptError
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Run:
+    """What the loop carries from step to step. `modules` are the trainable modules as accelerate
+    wraps them; `generators` hold all randomness (order: batches; data: flips and caption
+    dropout; step: latent samples, noise, timesteps)."""
+
+    cfg: TrainConfig
+    components: Any
+    method: Any
+    examples: list[Example]
+    out_dir: Path
+    recipe: dict | None
+    random_flip: bool
+    accelerator: Any
+    params: list
+    modules: list
+    optimizer: Any
+    lr_scheduler: Any
+    named_params: dict
+    order: BatchOrder
+    generators: dict
+    latents: LatentCache
+    texts: TextCache
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def world(self) -> dict:
+        """What a checkpoint's global batch depends on (a resumed run must match it)."""
+        a = self.accelerator
+        return {"num_processes": a.num_processes, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                "device": a.device.type}
+
+
+def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir: Path, *, resolution: int,
+          random_flip: bool, bucket_step: int | None, recipe: dict | None, progress: bool) -> Run:
+    """Everything before the first step, in this order (the seeded draws depend on it)."""
+    if not examples:
+        raise AdaptError("no training examples; pass --images DIR with at least one image")
+    accelerator = make_accelerator(cfg, out_dir)
+    set_seed(cfg.seed)
+    params = trainable_parameters(components, method, cfg, accelerator.device)
+    sizes = {ex.image: target_size(ex, resolution, bucket_step) for ex in examples}
+    latents, texts = make_caches(components, method, examples, cfg, sizes, accelerator, random_flip, progress)
+    optimizer = make_optimizer(cfg, params)
+    n_proc = accelerator.num_processes
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
+                                 num_training_steps=cfg.steps * n_proc)
+    modules = [getattr(components, n) for n in method.trainable_modules]
+    *modules, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
+    for n, m in zip(method.trainable_modules, modules):
+        m.train()
+        setattr(components, n, m)
+    trainable = {id(p) for p in params}
+    named_params = {f"{n}.{k}": p for n in method.trainable_modules
+                    for k, p in accelerator.unwrap_model(getattr(components, n)).named_parameters() if id(p) in trainable}
+    order = BatchOrder([ex.group for ex in examples], cfg.batch_size, cfg.seed,
+                       keys=[sizes[ex.image] for ex in examples] if bucket_step else None, num_processes=n_proc)
+    generators = {
+        "order": order.generator,
+        "data": torch.Generator().manual_seed(cfg.seed + 1),  # flips, caption dropout
+        # The step's randomness (latent sample, noise, timesteps) has its own generator, so it does
+        # not depend on whether modules that ran in between (text encoder, VAE) drew random numbers.
+        "step": torch.Generator(accelerator.device).manual_seed(cfg.seed + 2),
+    }
+    run = Run(cfg, components, method, examples, Path(out_dir), recipe, random_flip, accelerator, params, modules,
+              optimizer, lr_scheduler, named_params, order, generators, latents, texts)
+    if cfg.resume:
+        loop = resume(run.ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
+                      run.world, recipe)
+        run.step, run.losses, order.pending = loop["step"], loop["losses"], loop["pending"]
+    return run
+
+
+def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
+    # accelerate keeps one process-wide state; reset its precision part so several runs (tests,
+    # notebooks) can use different --mixed-precision in one process. The distributed part stays.
+    AcceleratorState._reset_state()
+    if cfg.log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise AdaptError("--log-with tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                       log_with=cfg.log_with, project_dir=str(Path(out_dir) / "logs") if cfg.log_with else None)
+
+
+def trainable_parameters(c, method, cfg: TrainConfig, device) -> list:
+    """Let the method add its weights, then place every module and return the parameters that train."""
+    method.prepare(c)
+    params = [p for p in method.trainable_parameters(c) if p.requires_grad]
+    if not params:
+        raise AdaptError("the method has no trainable parameters")
+    if cfg.mixed_precision == "fp16" and device.type == "cpu":
+        raise AdaptError("fp16 mixed precision needs a GPU (accelerate has no fp16 autocast on CPU); use --mixed-precision bf16 or no")
+    place_for_training(c, {id(p) for p in params}, device, DTYPES[cfg.mixed_precision])
+    if cfg.gradient_checkpointing:
+        for name in method.trainable_modules:
+            m = getattr(c, name)
+            (m.enable_gradient_checkpointing if hasattr(m, "enable_gradient_checkpointing") else m.gradient_checkpointing_enable)()
+    return params
+
+
+def place_for_training(components, trainable: set[int], device, weight_dtype) -> None:
+    """Move modules to the device. Frozen weights take the mixed-precision dtype; trainable ones stay
+    fp32 master weights (so fp16 training never hits "Attempting to unscale FP16 gradients"). The
+    VAE stays fp32: it encodes once per image, and fp16 VAEs are a known source of NaN latents."""
+    for name in (*components.text_encoder_names, "unet", "vae"):
+        module = getattr(components, name)
+        module.to(device)
+        for p in module.parameters():
+            p.data = p.data.to(torch.float32 if (id(p) in trainable or name == "vae") else weight_dtype)
+
+
+def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dict, accelerator, random_flip: bool,
+                progress: bool) -> tuple[LatentCache, TextCache]:
+    """The VAE output per (image, flip) and the text encoder output per distinct prompt, cached as
+    asked; a cached module is then released, unless validation rendering needs it."""
+    keep_frozen = bool(cfg.validation_prompt)
+    latents = LatentCache(c, sizes, accelerator.device)
+    if cfg.cache_latents:
+        latents.fill(list(dict.fromkeys(ex.image for ex in examples)), (False, True) if random_flip else (False,),
+                     show=progress and accelerator.is_main_process)
+        if not keep_frozen:
+            release(c, "vae")
+    prompts = sorted({ex.prompt for ex in examples} | ({""} if cfg.caption_dropout else set()))
+    texts = TextCache(c, method, prompts, size_conditions(c, examples, sizes), accelerator.device)
+    if cfg.cache_text and not set(c.text_encoder_names) & set(method.trainable_modules):
+        texts.fill(accelerator)
+        if not keep_frozen:
+            for name in c.text_encoder_names:
+                release(c, name)
+    return latents, texts
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels
+            raise AdaptError(f"--optimizer adamw8bit needs a working bitsandbytes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             "install a build for your GPU or use --optimizer adamw") from None
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
