@@ -20,7 +20,8 @@ from typing import Annotated, List, Optional
 import typer
 import typer.core
 
-from .config import SECTIONS, check_lora_format, check_sampling, default_output, embedding_specs, field_help, lora_specs
+from .checks import check_eval_args, check_merge_args, check_sampling, default_output, embedding_specs, lora_specs
+from .config import SECTIONS, check_lora_format, field_help
 from .errors import AdaptError
 from .logs import quiet_libraries
 from .methods import METHODS, MethodSpec
@@ -130,45 +131,8 @@ def _training_command(name: str, help: str) -> None:
     app.command(name=name, help=help)(user_errors(command))
 
 
-TRAINING_HELP = {
-    'lora': """Train a LoRA on the UNet's attention (Q,K by default) for a concept in a folder of images.
-
-\b
-Example:
-  adapt lora --images examples/cat --token "<sks>" --class-word "cat face" --steps 300
-""",
-    'dreambooth': """DreamBooth: fine-tune the whole UNet (optionally the text encoder) on a few images of one
-subject bound to a rare token, with prior preservation on generated class images.
-
-\b
-Loss = mean(instance) + lambda * mean(class); every batch holds --batch-size instance images and
-as many class images. Class images are generated once with the base model and cached under
-outputs/class-images/. The result is a full diffusers pipeline folder (--lora: a LoRA file).
-\b
-Memory savers (see recipes/dreambooth-*gb.toml): --gradient-checkpointing (~20-30% slower),
---optimizer adamw8bit (optimizer state 4x smaller), --mixed-precision fp16|bf16 (frozen weights
-in half precision, trainable fp32), cached latents and text embeddings (default on), --lora.
-\b
-Example:
-  adapt dreambooth --images examples/cat --token sks --class-word "cat face" \\
-      --class-prompt "an emoji of cat face" --output outputs/cat-db
-""",
-    'textual-inversion': """Textual inversion: learn a new word's embedding under a frozen model.
-
-\b
-The token (and token_1..token_{N-1} with --num-vectors N) is added to the tokenizer and starts from
---init-token's embedding; only those rows train, everything else stays bit-identical. Images
-without a caption file are trained under prompt templates (--property object|style). Saved as
-learned_embeds.safetensors ({token: [N, dim]}, diffusers' load_textual_inversion format);
---format a1111 also writes the A1111/ComfyUI file <token>.safetensors (the prompt word there).
-\b
-Example:
-  adapt textual-inversion --images examples/cat --token "<cat-toy>" --init-token cat --output outputs/cat-ti
-  adapt generate "an emoji of <cat-toy>" --embedding outputs/cat-ti/learned_embeds.safetensors
-""",
-}
-for _name, _help in TRAINING_HELP.items():
-    _training_command(_name, _help)
+for _name, _spec in METHODS.items():
+    _training_command(_name, _spec.description)
 
 
 Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
@@ -250,16 +214,8 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              batch_size: Annotated[int, typer.Option(help="Images rendered at once.")] = 8,
              allow_pickle: AllowPickle = False, lenient: Lenient = False,
              output: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and grid.png. Default: outputs/eval-<timestamp>.")] = None):
-    if (prompts is None) == (not prompt):
-        raise AdaptError("pass either --prompts FILE or --prompt TEXT (one or more)")
+    check_eval_args(prompts, prompt, batch_size, limit, {"--refs": refs, "--refs-b": refs_b, "--set": set_, "--style-refs": style_refs})
     check_sampling(scheduler, steps, num_images, size)
-    if batch_size < 1 or (limit is not None and limit < 1):
-        raise AdaptError("--batch-size and --limit must be >= 1")
-    if refs_b is not None and refs is None:
-        raise AdaptError("--refs-b needs --refs (the first style's references)")
-    for flag, folder in (("--refs", refs), ("--refs-b", refs_b), ("--set", set_), *(("--style-refs", d) for d in style_refs or ())):
-        if folder is not None and not folder.is_dir():
-            raise AdaptError(f"{flag} {folder} is not a folder; pass a folder of images")
     from .eval_io import format_table, read_prompts
 
     if prompts is not None:
@@ -295,13 +251,7 @@ def merge(lora: Lora = None,
           format: Annotated[str, typer.Option("--format", help="Layout of --output: diffusers or kohya.")] = "diffusers",
           overwrite: Overwrite = False, allow_pickle: AllowPickle = False, lenient: Lenient = False):
     loras = lora_specs(lora)
-    if not loras:
-        raise AdaptError("nothing to merge; pass --lora FILE[:WEIGHT] (repeatable)")
-    if (output is None) == (into_model is None):
-        raise AdaptError("pass exactly one of --output FILE (a LoRA file) or --into-model DIR (a model folder)")
-    target = output or into_model
-    if target.exists() and not overwrite:
-        raise AdaptError(f"{target} already exists; pass another path or --overwrite to replace it")
+    check_merge_args(loras, output, into_model, rank, overwrite)
     if output is not None:
         check_lora_format(format)
         from .lora_tools import merge_to_file
@@ -310,8 +260,6 @@ def merge(lora: Lora = None,
         if rank is not None:
             typer.echo(f"rank {rank}: relative error ||dW - dW_r|| / ||dW|| = {err:.6f}")
         return
-    if rank is not None:
-        raise AdaptError("--rank applies to --output (a LoRA file), not to --into-model")
     from .lora_tools import merge_into_model
 
     merge_into_model(loras, model, into_model, allow_pickle, lenient)

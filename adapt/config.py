@@ -13,7 +13,6 @@ torch is imported.
 from __future__ import annotations
 
 import dataclasses
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,56 +265,3 @@ def to_dict(*configs) -> dict[str, dict[str, Any]]:
     """The recipe that reproduces a run: every section with every value, JSON/TOML-ready."""
     inv = {cls: name for name, cls in SECTIONS.items()}
     return {inv[type(c)]: dataclasses.asdict(c) for c in configs}
-
-
-def default_output(kind: str) -> Path:
-    """The one default run folder name: outputs/<kind>-<timestamp> (kind: a method or a command)."""
-    return Path("outputs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-# --- sampling arguments (generate, eval): checked here, before anything heavy loads ---------------
-def check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:
-    from .schedulers import check_scheduler
-
-    check_scheduler(scheduler)
-    if count < 1 or steps < 1:
-        raise AdaptError("--num-images and --steps must be >= 1")
-    if size is not None and (size < 8 or size % 8):
-        raise AdaptError(f"--size {size} must be a positive multiple of 8")
-
-
-def parse_weighted(spec: str, what: str = "LoRA") -> tuple[str, float]:
-    """'path/to/file.safetensors:0.8' -> (path, 0.8); no ':weight' means weight 1."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass  # a ':' that is part of the path
-    return spec, 1.0
-
-
-def parse_embedding(spec: str) -> tuple[str, str | None]:
-    """'file.safetensors:<token>' -> (file, '<token>'); a bare file keeps the token stored in it."""
-    if Path(spec).is_file():
-        return spec, None
-    path, sep, token = spec.rpartition(":")
-    return (path, token or None) if sep and path else (spec, None)
-
-
-def lora_specs(specs: list[str] | None) -> list[tuple[str, float]]:
-    """--lora FILE[:WEIGHT] values -> [(file, weight)], each file existing."""
-    loras = [parse_weighted(s) for s in (specs or [])]
-    for path, _ in loras:
-        if not Path(path).is_file():
-            raise AdaptError(f"LoRA file {path} not found; pass FILE[:WEIGHT] with an existing .safetensors file")
-    return loras
-
-
-def embedding_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
-    """--embedding FILE[:TOKEN] values -> [(file, token or None)], each file existing."""
-    out = [parse_embedding(s) for s in (specs or [])]
-    for path, _ in out:
-        if not Path(path).is_file():
-            raise AdaptError(f"embedding file {path} not found; pass FILE[:TOKEN] with an existing .safetensors file")
-    return out

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import build, default_output, read_recipe
+from .checks import default_output
+from .config import build, read_recipe
 from .errors import AdaptError
 from .fileio import RECIPE_FILE
 from .methods import METHODS, MethodSpec

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapt.config import LoraConfig, TrainConfig, parse_weighted
+from adapt.checks import parse_weighted
+from adapt.config import LoraConfig, TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
