@@ -21,13 +21,18 @@ from typing import Any
 from .errors import AdaptError
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
+def _f(default, help: str, *, cli: Any = None, flags: str | None = None, recipe_only: bool = False):
+    """A config field with its help text. The training commands' options are generated from these
+    (adapt/cli.py): `cli` is the option's type where it is not the field's own (a folder is a Path,
+    a list typed as one comma-separated string), `flags` its spelling where not --name / --name/--no-name,
+    `recipe_only` keeps it off the command line."""
+    meta = {"help": help, "cli": cli, "flags": flags, "recipe_only": recipe_only}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    images: str | None = _f(None, "Folder of training images; `name.txt` beside an image is its caption.")
+    images: str | None = _f(None, "Folder of training images; `name.txt` beside an image is its caption.", cli=Path)
     token: str | None = _f(None, "The rare word the concept is bound to, e.g. '<sks>'. Must not contain spaces.")
     prompt: str = _f("a photo of {token}", "Prompt template for images without a caption file; {token} and {class_word} are filled in.")
     class_word: str | None = _f(None, "The concept's class, e.g. 'cat'; appended to the default prompt as 'a photo of {token} {class_word}'.")
@@ -54,6 +59,7 @@ class DataConfig:
             raise AdaptError("pass either --images DIR or --dataset NAME_OR_PATH, not both")
 
 
+LORA_FORMATS = ("diffusers", "kohya")  # LoRA file layouts: diffusers/peft, kohya (ComfyUI, A1111)
 LORA_TARGET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 
 
@@ -61,7 +67,7 @@ LORA_TARGET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 class LoraConfig:
     rank: int = _f(4, "LoRA rank r: the adapter's inner size. Higher learns more, file grows linearly.")
     alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to the rank (scale 1).")
-    targets: list[str] = _f(("q", "k"), "UNet attention projections to adapt: any of q,k,v,out (or module names like to_q).")
+    targets: list[str] = _f(("q", "k"), "UNet attention projections to adapt: any of q,k,v,out (or module names like to_q).", cli=str)
     train_text_encoder: bool = _f(False, "Also put LoRA on the text encoder's q_proj/k_proj.")
     format: str = _f("both", "LoRA file(s): both, diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI/A1111, <run folder>.safetensors).")
 
@@ -73,7 +79,7 @@ class LoraConfig:
             raise AdaptError("--targets is empty; choose from q,k,v,out")
         if self.rank < 1:
             raise AdaptError(f"--rank must be >= 1, got {self.rank}")
-        _choice("LoRA format", self.format, ("both", "diffusers", "kohya"))
+        check_lora_format(self.format, "both")
         if self.alpha is None:
             self.alpha = float(self.rank)
 
@@ -89,11 +95,11 @@ class DreamBoothConfig:
     class_prompt: str | None = _f(None, "Prompt for class images. Default: 'a photo of {class_word}'.")
     num_class_images: int = _f(100, "How many class images to use (generated with the base model when missing).")
     prior_loss_weight: float = _f(1.0, "lambda in loss = mean(instance) + lambda * mean(class).")
-    class_images: str | None = _f(None, "Folder of your own class images (topped up by generation when too few).")
+    class_images: str | None = _f(None, "Folder of your own class images (topped up by generation when too few).", cli=Path)
     class_scheduler: str = _f("dpm++2m-karras", "Scheduler for generating class images.")
     class_steps: int = _f(25, "Denoising steps for generating class images.")
     train_text_encoder: bool = _f(False, "Also fine-tune the text encoder (saved in the pipeline folder); more memory.")
-    lora: bool = _f(False, "DreamBooth-LoRA: train LoRA adapters (the [lora] settings) instead of the full UNet.")
+    lora: bool = _f(False, "DreamBooth-LoRA: train LoRA adapters (the [lora] settings) instead of the full UNet.", flags="--lora/--full")
 
     def __post_init__(self):
         if self.num_class_images < 1:
@@ -102,6 +108,12 @@ class DreamBoothConfig:
             raise AdaptError(f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}")
         if self.class_steps < 1:
             raise AdaptError(f"--class-steps must be >= 1, got {self.class_steps}")
+
+    def check(self) -> None:
+        """Before a run: the class-image scheduler is one `adapt schedulers` lists."""
+        from .schedulers import check_scheduler
+
+        check_scheduler(self.class_scheduler)
 
 
 @dataclass
@@ -133,7 +145,7 @@ class TrainConfig:
     lr_scheduler: str = _f("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
     warmup_steps: int = _f(0, "Linear warm-up steps of the learning-rate schedule.")
     optimizer: str = _f("adamw", "adamw (torch) or adamw8bit (bitsandbytes: ~75% less optimizer memory, needs a GPU build).")
-    weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    weight_decay: float = _f(1e-2, "AdamW weight decay.", recipe_only=True)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
     mixed_precision: str = _f("no", "no | fp16 | bf16. Frozen weights run in this dtype; trainable weights stay fp32.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
@@ -143,6 +155,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed for noise, timesteps, data order and new weights.")
     checkpoint_every: int = _f(0, "Save the full training state every N steps under OUTPUT/checkpoints (0 = never).")
     keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep.")
+    resume: str | None = _f(None, "Continue a run: 'latest' (newest checkpoint in --output) or a checkpoint folder.")
+    skip_nonfinite: bool = _f(False, "Skip a batch whose loss is NaN/inf (logged) instead of stopping the run.")
     snr_gamma: float | None = _f(None, "Min-SNR loss weighting with this gamma (5 is usual): faster, steadier convergence.")
     noise_offset: float = _f(0.0, "Add this much per-channel offset noise (0.05-0.1) so the model learns very dark/bright images.")
     log_with: str | None = _f(None, "Also log to a tracker: tensorboard (logs under OUTPUT/logs).")
@@ -150,8 +164,6 @@ class TrainConfig:
     validation_every: int = _f(0, "Render the validation prompts every N steps (0 = only at the end).")
     validation_steps: int = _f(25, "Denoising steps (dpm++2m-karras) for validation images.")
     num_processes: int = _f(1, "Data-parallel processes (relaunches itself with `accelerate launch`).")
-    skip_nonfinite: bool = _f(False, "Skip a batch whose loss is NaN/inf (logged) instead of stopping the run.")
-    resume: str | None = _f(None, "Continue a run: 'latest' (newest checkpoint in --output) or a checkpoint folder.")
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -180,6 +192,11 @@ class TrainConfig:
 def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise AdaptError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+
+
+def check_lora_format(fmt: str, *extra: str) -> None:
+    """The one check of a LoRA layout name (`extra`: more accepted names, e.g. "both" for a run)."""
+    _choice("LoRA format", fmt, (*extra, *LORA_FORMATS))
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "dreambooth": DreamBoothConfig,

@@ -2,12 +2,13 @@
 
 Image generation is not done here: `run_eval` takes a `generate(prompts, seeds) -> [PIL.Image]`
 callable, so this module is numpy/PIL only and can be tested without a model (no torch import).
-The metrics and their fixed feature space are in `adapt.metrics`.
+The metrics and their fixed feature space are in `adapt.metrics`; the prompts file, reference
+images and the terminal table in `adapt.eval_io`. `evaluate_models` is the body of `adapt eval`:
+it loads the pipelines (inside the function) and hands run_eval their renderers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -17,69 +18,13 @@ import numpy as np
 from PIL import Image
 
 from .errors import AdaptError
+from .eval_io import load_refs, normalise_item
 from .fileio import write_json
 from .images import make_grid, save_image, to_rgb
-from .metrics import (FEATURE_SIZE, _as_rgb, _paired_distances, distance_to_set, diversity, features, nearest_style,
+from .metrics import (FEATURE_SIZE, _paired_distances, distance_to_set, diversity, features, nearest_style,
                       retrieval, style)
 
 GenerateFn = Callable[[list, list], list]
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts file
-# --------------------------------------------------------------------------------------------
-
-
-def _normalise_item(raw: Any, index: int, base_seed: int, where: str) -> dict:
-    if not isinstance(raw, dict):
-        raise AdaptError(f"{where}: expected a JSON object like {{\"caption\": \"...\"}}, got {type(raw).__name__}")
-    caption = raw.get("caption", raw.get("prompt"))
-    if not isinstance(caption, str) or not caption.strip():
-        raise AdaptError(f"{where}: missing \"caption\" (or \"prompt\"): every line needs a non-empty text caption")
-    item = dict(raw)
-    item.pop("prompt", None)
-    item["caption"] = caption
-    file = raw.get("file")
-    if file is not None and (not isinstance(file, str) or not file):
-        raise AdaptError(f"{where}: \"file\" must be a reference image file name, got {file!r}")
-    seed = raw.get("seed")
-    if seed is None:
-        seed = base_seed + index
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise AdaptError(f"{where}: \"seed\" must be an integer, got {seed!r}")
-    item["seed"] = int(seed)
-    return item
-
-
-def read_prompts(path: str | os.PathLike, base_seed: int = 0) -> list[dict]:
-    """Read a prompts JSONL file: one object per line.
-
-    Each line needs "caption" (or "prompt", stored as "caption"); optional "file" (reference image
-    file name, relative to the refs directory) and "seed".  A missing seed becomes
-    base_seed + index, where index is the 0-based position of the prompt among the non-blank lines
-    (so blank lines do not shift seeds).  Other keys are kept.  Raises AdaptError for a missing
-    file, bad JSON (the message names the line number), a missing caption or a bad seed/file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AdaptError(f"prompts file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdaptError(f"cannot read prompts file {path}: {e}") from e
-    items: list[dict] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AdaptError(f"{where}: bad JSON on line {lineno}: {e.msg}") from e
-        items.append(_normalise_item(raw, len(items), base_seed, where))
-    if not items:
-        raise AdaptError(f"prompts file {path} has no prompts")
-    return items
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,18 +55,6 @@ def _generate_all(generate: GenerateFn, captions: list, seeds: list, batch_size:
                 raise TypeError(f"generate must return PIL images, got {type(img).__name__}")
         images.extend(to_rgb(img) for img in batch)
     return images
-
-
-def _load_refs(refs_dir: Path, files: list[str], what: str) -> list[Image.Image]:
-    if not refs_dir.is_dir():
-        raise AdaptError(f"{what} directory not found: {refs_dir}")
-    out = []
-    for name in files:
-        p = refs_dir / name
-        if not p.is_file():
-            raise AdaptError(f"{what} image {name!r} (named in the prompts) not found in {refs_dir}")
-        out.append(_as_rgb(p))
-    return out
 
 
 def run_eval(
@@ -162,7 +95,7 @@ def run_eval(
         raise ValueError("batch_size must be >= 1")
     if refs_b_dir is not None and refs_dir is None:
         raise AdaptError("a style-B reference directory needs a style-A reference directory too (refs_dir)")
-    items = [_normalise_item(raw, i, base_seed, f"item {i}") for i, raw in enumerate(items)]
+    items = [normalise_item(raw, i, base_seed, f"item {i}") for i, raw in enumerate(items)]
     if not items:
         raise AdaptError("nothing to evaluate: no prompts")
     out_dir = Path(out_dir)
@@ -216,7 +149,7 @@ def _fidelity(metrics: dict, rows: list[dict], notes: list[str], items: list[dic
     if refs_dir is None or not with_file:
         return ref_by_item
     files = list(dict.fromkeys(items[i]["file"] for i in with_file))  # distinct, first-seen order
-    refs_a = _load_refs(Path(refs_dir), files, "reference")
+    refs_a = load_refs(Path(refs_dir), files, "reference")
     index_of = {f: j for j, f in enumerate(files)}
     targets = [index_of[items[i]["file"]] for i in with_file]
     fid = retrieval(gen_feats[with_file], features(refs_a), targets)
@@ -228,7 +161,7 @@ def _fidelity(metrics: dict, rows: list[dict], notes: list[str], items: list[dic
     if len(with_file) < n:
         notes.append(f"{n - len(with_file)} of {n} prompts have no reference \"file\": not in fidelity")
     if refs_b_dir is not None:
-        refs_b = _load_refs(Path(refs_b_dir), files, "style-B reference")
+        refs_b = load_refs(Path(refs_b_dir), files, "style-B reference")
         feats_a = features([refs_a[t] for t in targets])
         feats_b = features([refs_b[t] for t in targets])
         metrics["style"] = style(gen_feats[with_file], feats_a, feats_b)
@@ -276,45 +209,20 @@ def _save_grid(gen_images: list, ref_by_item: list, cmp_images: list | None, pat
     return ["reference"] * has_refs + ["generated"] + ["compare"] * (cmp_images is not None)
 
 
-# --------------------------------------------------------------------------------------------
-# Terminal output
-# --------------------------------------------------------------------------------------------
+def evaluate_models(items: list[dict], out: Path, *, model: str | None = None, loras=(), embeddings=(),
+                    compare_model: str | None = None, compare_loras=(), scheduler: str = "dpm++2m-karras", steps: int = 25,
+                    guidance: float | None = None, size: int | None = None, batch_size: int = 8,
+                    allow_pickle: bool = False, lenient: bool = False, **scoring) -> dict:
+    """The body of `adapt eval`: render `items` with the model (and the compare model, when given)
+    and score them with run_eval (`scoring`: its refs_dir, refs_b_dir, set_dir, base_seed, style_dirs)."""
+    from .infer import default_guidance, generate, load_pipeline
 
+    guidance = default_guidance(model) if guidance is None else guidance
 
-def format_table(metrics: dict) -> str:
-    """A short plain-text table: metric, value, chance level (where one makes sense)."""
-    rows: list[tuple[str, str, str]] = []
-    fid = metrics.get("fidelity")
-    if fid:
-        rows.append((f"fidelity top-1 ({fid['n']} imgs, {fid['m']} refs)", f"{fid['top1']:.3f}", f"{fid['chance_top1']:.3f}"))
-        rows.append(("fidelity top-5", f"{fid['top5']:.3f}", f"{fid['chance_top5']:.3f}"))
-        rows.append(("fidelity mean rank (lower=better)", f"{fid['mean_rank']:.2f}", f"{fid['chance_mean_rank']:.2f}"))
-    sty = metrics.get("style")
-    if sty:
-        rows.append(("style: closer to A than B", f"{sty['a_rate']:.3f}", f"{sty['chance']:.3f}"))
-        rows.append(("style: mean distance to A / B", f"{sty['mean_dist_a']:.2f} / {sty['mean_dist_b']:.2f}", "-"))
-    sts = metrics.get("styles")
-    if sts:
-        if sts["accuracy"] is not None:
-            rows.append((f"style asked for = nearest of {len(sts['styles'])}", f"{sts['accuracy']:.3f}", f"{sts['chance']:.3f}"))
-        rows.append(("distinct styles per prompt (across seeds)", f"{sts['distinct_per_caption']:.2f}", "-"))
-    div = metrics.get("diversity")
-    if div and div["mean"] is not None:
-        rows.append((f"diversity across seeds ({div['groups']} prompts, mean L2)", f"{div['mean']:.3f}", "-"))
-    if metrics.get("drift") is not None:
-        rows.append(("drift vs compare model (mean L2)", f"{metrics['drift']:.3f}", "-"))
-    sd = metrics.get("set_distance")
-    if sd:
-        rows.append((f"distance to set ({sd['set_images']} imgs, lower=closer)", f"{sd['model']:.3f}", "-"))
-        if sd.get("compare") is not None:
-            rows.append(("distance to set, compare model", f"{sd['compare']:.3f}", "-"))
-    if "n" in metrics:
-        rows.append(("images generated", str(metrics["n"]), "-"))
-    header = ("metric", "value", "chance")
-    w0 = max(len(header[0]), *(len(r[0]) for r in rows)) if rows else len(header[0])
-    w1 = max(len(header[1]), *(len(r[1]) for r in rows)) if rows else len(header[1])
-    lines = [f"{header[0]:<{w0}}  {header[1]:>{w1}}  {header[2]}", f"{'-' * w0}  {'-' * w1}  ------"]
-    lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
-    for note in metrics.get("notes") or []:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
+    def renderer(model_name, lora_list, embedding_list=()):
+        pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,
+                             embeddings=embedding_list, allow_pickle=allow_pickle, lenient=lenient)
+        return lambda ps, ss: generate(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
+
+    compare = renderer(compare_model, compare_loras) if (compare_model or compare_loras) else None
+    return run_eval(renderer(model, loras, embeddings), items, out, compare=compare, batch_size=batch_size, **scoring)

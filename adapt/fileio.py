@@ -3,6 +3,9 @@
 What appears has the permissions of a plain new file under the user's umask (0644 files, 0755
 folders under umask 022), whatever the writer did to the temporary name: mkstemp makes 0600
 files, and safetensors replaces the file it writes with one of its own, 0600 too.
+
+Also the one reader of weight files users hand us (`read_safetensors`) and the name of the recipe
+file every run output carries (`RECIPE_FILE`). Nothing heavy at import.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import AdaptError
+
+RECIPE_FILE = "recipe.json"  # the settings that made a run's output, beside it
 
 
 @contextmanager
@@ -68,8 +75,6 @@ def _disk_full(error: BaseException, path: Path) -> None:
     """Out of space (or quota) while writing: one clear line; the partial file is already gone
     and whatever was at `path` before is untouched."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        from .errors import AdaptError
-
         raise AdaptError(f"no space left on the device while writing {path}; nothing was replaced. "
                          "Free some space (or choose another --output) and run again (--resume latest continues a run)") from None
 
@@ -90,3 +95,58 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool = False):
+    """(tensors, metadata) of a .safetensors file, or a one-line error.
+
+    Pickle files (.pt/.bin/.ckpt) are read only with allow_pickle (the user's --allow-pickle),
+    with a warning, and even then through torch.load(weights_only=True): tensors, numbers and
+    strings only, never arbitrary objects. Nested dicts (A1111 embeddings) are flattened with '.'.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .untrusted import check_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdaptError(f"{what} file {path} not found")
+    try:
+        check_safetensors(path)  # a crafted or truncated header: a ValueError naming the tensor, nothing allocated
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = str(e)
+    if not allow_pickle:
+        hint = (" It looks like a pickle file: convert it to safetensors, or pass --allow-pickle if you trust"
+                " where it came from (pickle files can run code).") if path.suffix.lower() in PICKLE_SUFFIXES else ""
+        raise AdaptError(f"{path} is not a readable .safetensors {what} file ({reason}); adapt reads safetensors only.{hint}")
+    import logging
+
+    import torch
+
+    logging.getLogger("adapt").warning("--allow-pickle: reading pickle file %s (tensors only, weights_only=True); "
+                                       "only do this for files you trust", path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure: corrupt file or objects that weights_only refuses
+        raise AdaptError(f"{path} is neither safetensors nor a tensors-only pickle ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(obj, torch.Tensor):
+        obj = {"emb_params": obj}
+    flat: dict = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", obj)
+    meta = {"adapt.pickle": "1"}
+    if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+        meta["adapt.pickle_name"] = obj["name"]
+    return flat, meta

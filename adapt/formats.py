@@ -18,20 +18,18 @@ import shutil
 from pathlib import Path
 
 from .errors import AdaptError
-from .fileio import atomic_dir, atomic_path, write_json
+from .fileio import RECIPE_FILE, atomic_dir, atomic_path, write_json
+from .lora_names import module_key
+from .loras import Lora, write_lora
 
 log = logging.getLogger("adapt")
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-RECIPE_FILE = "recipe.json"
 
 
 def peft_loras(components) -> dict:
     """The trained peft adapters of the UNet / text encoder as {component.module_path: Lora}."""
     from peft.utils import get_peft_model_state_dict
-
-    from .lora_names import module_key
-    from .loras import Lora
 
     out = {}
     for prefix in ("unet", "text_encoder", "text_encoder_2"):
@@ -52,8 +50,6 @@ def save_lora(components, out_dir, recipe: dict, fmt: str = "both") -> list[Path
     """The run's LoRA file(s), each with the recipe inside: diffusers layout as
     `pytorch_lora_weights.safetensors`, kohya layout as `<run folder name>.safetensors` (the name
     ComfyUI and A1111 show), or both (`fmt`)."""
-    from .loras import write_lora
-
     out_dir = Path(out_dir)
     loras, meta = peft_loras(components), {"adapt.recipe": json.dumps(recipe, sort_keys=True)}
     written = [write_lora(out_dir / (LORA_FILE if layout == "diffusers" else kohya_file_name(out_dir)), loras, layout, meta,
@@ -70,61 +66,6 @@ def kohya_file_name(out_dir: Path) -> str:
     """`<run folder name>.safetensors`: the LoRA's name in ComfyUI's and A1111's lists."""
     name = f"{Path(out_dir).resolve().name}.safetensors"
     return name if name != LORA_FILE else name.replace(".safetensors", "-kohya.safetensors")
-
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool = False):
-    """(tensors, metadata) of a .safetensors file, or a one-line error.
-
-    Pickle files (.pt/.bin/.ckpt) are read only with allow_pickle (the user's --allow-pickle),
-    with a warning, and even then through torch.load(weights_only=True): tensors, numbers and
-    strings only, never arbitrary objects. Nested dicts (A1111 embeddings) are flattened with '.'.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    from .untrusted import check_safetensors
-
-    path = Path(path)
-    if not path.is_file():
-        raise AdaptError(f"{what} file {path} not found")
-    try:
-        check_safetensors(path)  # a crafted or truncated header: a ValueError naming the tensor, nothing allocated
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        reason = str(e)
-    if not allow_pickle:
-        hint = (" It looks like a pickle file: convert it to safetensors, or pass --allow-pickle if you trust"
-                " where it came from (pickle files can run code).") if path.suffix.lower() in PICKLE_SUFFIXES else ""
-        raise AdaptError(f"{path} is not a readable .safetensors {what} file ({reason}); adapt reads safetensors only.{hint}")
-    import logging
-
-    import torch
-
-    logging.getLogger("adapt").warning("--allow-pickle: reading pickle file %s (tensors only, weights_only=True); "
-                                       "only do this for files you trust", path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure: corrupt file or objects that weights_only refuses
-        raise AdaptError(f"{path} is neither safetensors nor a tensors-only pickle ({str(e).splitlines()[0][:160]})") from None
-    if isinstance(obj, torch.Tensor):
-        obj = {"emb_params": obj}
-    flat: dict = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(value, torch.Tensor):
-            flat[prefix] = value
-
-    walk("", obj)
-    meta = {"adapt.pickle": "1"}
-    if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-        meta["adapt.pickle_name"] = obj["name"]
-    return flat, meta
 
 
 def save_pipeline(components, out_dir, recipe: dict) -> Path:

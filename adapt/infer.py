@@ -10,36 +10,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .embeddings import read_embedding
 from .errors import AdaptError
-from .formats import read_safetensors
+from .fileio import read_safetensors
 from .lora_names import module_key
 from .loras import is_kohya, parse_lora, report_unplaced, write_lora
-from .models import quiet_libraries, resolve_model
+from .logs import quiet_libraries
+from .models import resolve_model
 from .schedulers import make_scheduler
 from .untrusted import check_finite
 
 log = logging.getLogger("adapt")
 
 DEFAULT_SCHEDULER = "dpm++2m-karras"
-
-
-def parse_weighted(spec: str, what: str = "LoRA") -> tuple[str, float]:
-    """'path/to/file.safetensors:0.8' -> (path, 0.8); no ':weight' means weight 1."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass  # a ':' that is part of the path
-    return spec, 1.0
-
-
-def parse_embedding(spec: str) -> tuple[str, str | None]:
-    """'file.safetensors:<token>' -> (file, '<token>'); a bare file keeps the token stored in it."""
-    if Path(spec).is_file():
-        return spec, None
-    path, sep, token = spec.rpartition(":")
-    return (path, token or None) if sep and path else (spec, None)
 
 
 def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, device: str | None = None,
@@ -53,7 +36,7 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
 
     from .models import assemble_pipeline, is_sdxl_folder
 
-    quiet_libraries()
+    quiet_libraries(loaded=True)
     path = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
@@ -77,8 +60,6 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
 
 def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool = False) -> str:
     """Load a diffusers or A1111/ComfyUI embedding under `token`; returns the token."""
-    from .methods.textual_inversion import read_embedding
-
     token, emb = read_embedding(path, token, allow_pickle)
     per_encoder = emb if isinstance(emb, dict) else {"text_encoder": emb}
     check_finite(per_encoder, path, "embedding")
@@ -178,4 +159,31 @@ def write_images(images, out_dir: str | Path, settings: dict) -> list[Path]:
     paths = [save_image(img, out_dir / f"image-{i:03d}.png") for i, img in enumerate(images)]
     save_image(make_grid(images), out_dir / "grid.png")
     write_json(out_dir / "generation.json", settings)
+    return paths
+
+
+def default_guidance(model: str | None) -> float:
+    """The guidance scale the model's adapt.json suggests, else 7.5."""
+    from .models import model_defaults
+
+    return float(model_defaults(resolve_model(None if model in (None, "bundled") else model)).get("guidance", 7.5))
+
+
+def generate_to_folder(prompt: str, out: Path, *, model: str | None = None, loras=(), embeddings=(), fuse: bool = False,
+                       allow_pickle: bool = False, lenient: bool = False, scheduler: str = DEFAULT_SCHEDULER,
+                       steps: int = 25, guidance: float | None = None, negative_prompt: str | None = None, seed: int = 0,
+                       num_images: int = 1, size: int | None = None) -> list[Path]:
+    """The body of `adapt generate`: image i with seed+i, grid.png and generation.json in `out`."""
+    pipe = load_pipeline(model, scheduler, loras=loras, embeddings=embeddings, fuse=fuse, allow_pickle=allow_pickle,
+                         lenient=lenient)
+    guidance = default_guidance(model) if guidance is None else guidance
+    seeds = [seed + i for i in range(num_images)]
+    images = generate(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance,
+                      negative_prompt=negative_prompt, size=size)
+    settings = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model or "bundled",
+                "loras": [{"file": p, "weight": w} for p, w in loras],
+                "embeddings": [{"file": p, "token": t} for p, t in embeddings], "scheduler": scheduler, "steps": steps,
+                "guidance": guidance, "seeds": seeds, "size": size}
+    paths = write_images(images, out, settings)
+    log.info("wrote %d image(s) and grid.png to %s", len(images), out)
     return paths

@@ -24,14 +24,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import check_lora_format
 from .errors import AdaptError
-from .fileio import atomic_path
+from .fileio import atomic_path, read_safetensors
 from .untrusted import check_lora_pair
 from .lora_names import SDXL_VERSION, from_kohya_name, is_module_key, is_sdxl, module_key, to_kohya_name
 
 log = logging.getLogger("adapt")
 
-FORMATS = ("diffusers", "kohya")
 _KOHYA_SLOTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 
@@ -81,8 +81,6 @@ def is_kohya(tensors: dict) -> bool:
 
 def read_lora(path: str | Path, allow_pickle: bool = False, lenient: bool = False) -> tuple[dict[str, Lora], dict]:
     """(modules, metadata) of a diffusers/peft or kohya LoRA file (safetensors; pickle only with allow_pickle)."""
-    from .formats import read_safetensors
-
     tensors, meta = read_safetensors(path, "LoRA", allow_pickle)
     return parse_lora(tensors, meta, path, lenient), meta
 
@@ -175,8 +173,7 @@ def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers",
     (default: lora_names.is_sdxl of the modules and metadata) picks kohya's SDXL names."""
     from safetensors.torch import save_file
 
-    if fmt not in FORMATS:
-        raise AdaptError(f"unknown LoRA format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    check_lora_format(fmt)
     if not loras:
         raise AdaptError("nothing to write: the LoRA has no modules")
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}

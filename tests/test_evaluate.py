@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from adapt.errors import AdaptError
-from adapt.evaluate import format_table, read_prompts, run_eval
+from adapt.eval_io import format_table, read_prompts
+from adapt.evaluate import run_eval
 from adapt.metrics import FEATURE_DIM, distance_to_set, diversity, drift, features, nearest_style, retrieval, style
 
 COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (240, 200, 0), (128, 0, 128), (0, 200, 200)]

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from adapt.checks import parse_weighted
 from adapt.config import LoraConfig, TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
-from adapt.infer import generate, load_pipeline, parse_weighted
+from adapt.infer import generate, load_pipeline
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train

@@ -249,7 +249,7 @@ def test_saved_files_honour_the_umask(tiny_model, tmp_path, mask):
     from adapt.formats import save_fused_pipeline
     from adapt.infer import load_pipeline
     from adapt.loras import Lora, write_lora
-    from adapt.methods.textual_inversion import save_embedding
+    from adapt.embeddings import save_embedding
 
     pipe = load_pipeline(str(tiny_model), "euler", device="cpu", dtype=torch.float32)
     old = os.umask(mask)

@@ -15,7 +15,8 @@ from adapt.cli import app
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
-from adapt.methods.textual_inversion import TEMPLATES, TextualInversionMethod, expand_prompt, read_embedding
+from adapt.embeddings import read_embedding
+from adapt.methods.textual_inversion import TEMPLATES, TextualInversionMethod, expand_prompt
 from adapt.models import load_components
 
 TOKEN = "<disc-toy>"
@@ -145,7 +146,7 @@ def test_embedding_for_another_model_is_a_clear_error(tiny_model, tmp_path):
 def test_a1111_file_is_named_as_its_prompt_word(tmp_path, caplog):
     from safetensors.torch import load_file
 
-    from adapt.methods.textual_inversion import save_embedding
+    from adapt.embeddings import save_embedding
 
     emb = {"text_encoder": torch.arange(64.0).reshape(2, 32)}
     with caplog.at_level("INFO", logger="adapt"):

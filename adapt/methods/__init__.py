@@ -9,13 +9,116 @@ A method has
     prompt(text): the prompt as the tokenizer should see it (default: unchanged),
     tokenize(components, prompt): prompt -> input_ids (CLIP padding to 77 tokens),
     save(components, out_dir, recipe): write the artifact, carrying the recipe.
+It builds itself from the run's configs (`from_configs`) and may check and complete them before a
+run starts (`settle`, called before anything heavy loads).
+
+METHODS names the methods the training commands run: each entry says where its class is (a
+"module:Class" string, imported only when a run starts), the config sections it reads (its
+command's options are generated from their fields, in this order) and its own [train] defaults.
+This module and the method modules import nothing heavy at module level.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    target: str                                  # "module:Class" of the Method
+    sections: tuple[str, ...]                    # config sections it reads, in its command's option order
+    train_defaults: Mapping[str, Any] = field(default_factory=dict)  # below adapt.json, recipe, flags
+    model_defaults: bool = True                  # the model's adapt.json suggestions for the command apply
+    variant: tuple[str, str, "MethodSpec"] | None = None  # (section, switch, spec): run `spec` when the switch is on
+    hidden: tuple[str, ...] = ()                 # "section.field" fields it reads but offers no option for
+    help: Mapping[str, str] = field(default_factory=dict)  # "section.field" -> its option's help, where it differs
+    description: str = ""                        # the command's --help text
+
+    def resolve(self, configs: dict) -> "MethodSpec":
+        """The spec that runs for these configs (DreamBooth with --lora runs the LoRA method)."""
+        if self.variant is not None:
+            section, switch, other = self.variant
+            if getattr(configs[section], switch):
+                return other.resolve(configs)
+        return self
+
+    def load(self) -> type:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+DESCRIPTIONS = {  # each training command's --help text
+    'lora': """Train a LoRA on the UNet's attention (Q,K by default) for a concept in a folder of images.
+
+\b
+Example:
+  adapt lora --images examples/cat --token "<sks>" --class-word "cat face" --steps 300
+""",
+    'dreambooth': """DreamBooth: fine-tune the whole UNet (optionally the text encoder) on a few images of one
+subject bound to a rare token, with prior preservation on generated class images.
+
+\b
+Loss = mean(instance) + lambda * mean(class); every batch holds --batch-size instance images and
+as many class images. Class images are generated once with the base model and cached under
+outputs/class-images/. The result is a full diffusers pipeline folder (--lora: a LoRA file).
+\b
+Memory savers (see recipes/dreambooth-*gb.toml): --gradient-checkpointing (~20-30% slower),
+--optimizer adamw8bit (optimizer state 4x smaller), --mixed-precision fp16|bf16 (frozen weights
+in half precision, trainable fp32), cached latents and text embeddings (default on), --lora.
+\b
+Example:
+  adapt dreambooth --images examples/cat --token sks --class-word "cat face" \\
+      --class-prompt "an emoji of cat face" --output outputs/cat-db
+""",
+    'textual-inversion': """Textual inversion: learn a new word's embedding under a frozen model.
+
+\b
+The token (and token_1..token_{N-1} with --num-vectors N) is added to the tokenizer and starts from
+--init-token's embedding; only those rows train, everything else stays bit-identical. Images
+without a caption file are trained under prompt templates (--property object|style). Saved as
+learned_embeds.safetensors ({token: [N, dim]}, diffusers' load_textual_inversion format);
+--format a1111 also writes the A1111/ComfyUI file <token>.safetensors (the prompt word there).
+\b
+Example:
+  adapt textual-inversion --images examples/cat --token "<cat-toy>" --init-token cat --output outputs/cat-ti
+  adapt generate "an emoji of <cat-toy>" --embedding outputs/cat-ti/learned_embeds.safetensors
+""",
+}
+
+_LORA = "adapt.methods.lora:LoraMethod"
+_WITH_LORA = "{help} (with --lora)"
+METHODS: dict[str, MethodSpec] = {
+    "lora": MethodSpec(_LORA, ("data", "lora", "train"), description=DESCRIPTIONS["lora"]),
+    "dreambooth": MethodSpec(
+        "adapt.methods.full:FullMethod", ("data", "dreambooth", "lora", "train"), {"lr": 5e-6},
+        variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_defaults=False)),
+        help={"lora.rank": _WITH_LORA, "lora.alpha": _WITH_LORA, "lora.targets": _WITH_LORA,
+              "train.lr": "Peak learning rate. [default: 5e-06 (full UNet), 0.0001 with --lora]"},
+        description=DESCRIPTIONS["dreambooth"]),
+    "textual-inversion": MethodSpec(
+        "adapt.methods.textual_inversion:TextualInversionMethod", ("textual_inversion", "data", "train"), {"lr": 5e-3},
+        hidden=("data.class_word", "train.cache_text"),
+        help={"data.prompt": "One prompt template instead of the --property templates; {token} is filled in.",
+              "train.lr": "Peak learning rate. [default: 0.005]"},
+        description=DESCRIPTIONS["textual-inversion"]),
+}
+
 
 class Method:
     trainable_modules: tuple[str, ...] = ("unet",)
+
+    @classmethod
+    def from_configs(cls, configs: dict) -> "Method":
+        """The method for a run's configs ({section: config})."""
+        raise NotImplementedError
+
+    @classmethod
+    def settle(cls, configs: dict, prompt_given: bool) -> str | list[str] | None:
+        """Check and complete the configs before a run; returns the prompt template(s) to train under
+        instead of [data] prompt, or None to keep it (`prompt_given`: by a flag or the recipe)."""
+        return None
 
     def prepare(self, components) -> None:
         pass

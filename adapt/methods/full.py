@@ -13,6 +13,10 @@ class FullMethod(Method):
         self.train_text_encoder = train_text_encoder
         self.trainable_modules = ("unet", "text_encoder") if train_text_encoder else ("unet",)
 
+    @classmethod
+    def from_configs(cls, configs: dict) -> "FullMethod":
+        return cls(train_text_encoder=configs["dreambooth"].train_text_encoder)
+
     def prepare(self, components) -> None:
         if self.train_text_encoder:  # every text encoder (SDXL has two)
             self.trainable_modules = ("unet", *components.text_encoder_names)

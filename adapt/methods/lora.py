@@ -20,6 +20,10 @@ class LoraMethod(Method):
         self.cfg = cfg
         self.trainable_modules = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
 
+    @classmethod
+    def from_configs(cls, configs: dict) -> "LoraMethod":
+        return cls(configs["lora"])
+
     def _config(self, targets):
         from peft import LoraConfig as PeftLoraConfig
 

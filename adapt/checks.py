@@ -1,0 +1,88 @@
+"""Argument checks of the commands, run before anything heavy loads (torch-free): sampling
+options, --lora/--embedding specs, eval's and merge's argument combinations, the default run folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import AdaptError
+
+
+def default_output(kind: str) -> Path:
+    """The one default run folder name: outputs/<kind>-<timestamp> (kind: a method or a command)."""
+    return Path("outputs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:
+    from .schedulers import check_scheduler
+
+    check_scheduler(scheduler)
+    if count < 1 or steps < 1:
+        raise AdaptError("--num-images and --steps must be >= 1")
+    if size is not None and (size < 8 or size % 8):
+        raise AdaptError(f"--size {size} must be a positive multiple of 8")
+
+
+def parse_weighted(spec: str, what: str = "LoRA") -> tuple[str, float]:
+    """'path/to/file.safetensors:0.8' -> (path, 0.8); no ':weight' means weight 1."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass  # a ':' that is part of the path
+    return spec, 1.0
+
+
+def parse_embedding(spec: str) -> tuple[str, str | None]:
+    """'file.safetensors:<token>' -> (file, '<token>'); a bare file keeps the token stored in it."""
+    if Path(spec).is_file():
+        return spec, None
+    path, sep, token = spec.rpartition(":")
+    return (path, token or None) if sep and path else (spec, None)
+
+
+def lora_specs(specs: list[str] | None) -> list[tuple[str, float]]:
+    """--lora FILE[:WEIGHT] values -> [(file, weight)], each file existing."""
+    loras = [parse_weighted(s) for s in (specs or [])]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise AdaptError(f"LoRA file {path} not found; pass FILE[:WEIGHT] with an existing .safetensors file")
+    return loras
+
+
+def embedding_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
+    """--embedding FILE[:TOKEN] values -> [(file, token or None)], each file existing."""
+    out = [parse_embedding(s) for s in (specs or [])]
+    for path, _ in out:
+        if not Path(path).is_file():
+            raise AdaptError(f"embedding file {path} not found; pass FILE[:TOKEN] with an existing .safetensors file")
+    return out
+
+
+def check_eval_args(prompts, prompt, batch_size: int, limit, folders: dict) -> None:
+    """eval: one prompt source, sizes >= 1, --refs-b only beside --refs, every folder a folder."""
+    if (prompts is None) == (not prompt):
+        raise AdaptError("pass either --prompts FILE or --prompt TEXT (one or more)")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise AdaptError("--batch-size and --limit must be >= 1")
+    if folders.get("--refs-b") is not None and folders.get("--refs") is None:
+        raise AdaptError("--refs-b needs --refs (the first style's references)")
+    for flag, dirs in folders.items():
+        for folder in dirs if isinstance(dirs, (list, tuple)) else [dirs]:
+            if folder is not None and not Path(folder).is_dir():
+                raise AdaptError(f"{flag} {folder} is not a folder; pass a folder of images")
+
+
+def check_merge_args(loras: list, output, into_model, rank, overwrite: bool) -> None:
+    """merge: something to merge, exactly one target, not over an existing path, --rank only for a file."""
+    if not loras:
+        raise AdaptError("nothing to merge; pass --lora FILE[:WEIGHT] (repeatable)")
+    if (output is None) == (into_model is None):
+        raise AdaptError("pass exactly one of --output FILE (a LoRA file) or --into-model DIR (a model folder)")
+    target = output or into_model
+    if target.exists() and not overwrite:
+        raise AdaptError(f"{target} already exists; pass another path or --overwrite to replace it")
+    if into_model is not None and rank is not None:
+        raise AdaptError("--rank applies to --output (a LoRA file), not to --into-model")

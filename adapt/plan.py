@@ -1,0 +1,87 @@
+"""What a training command will do, decided before anything heavy loads: flags + recipe + the
+model's adapt.json + the method's own defaults -> a Plan (configs, method, prompt template(s),
+run folder). Mistakes in any of them are one-line errors here, before torch is imported.
+
+Precedence, later winning: config defaults < the method's [train] defaults < the model's adapt.json
+< the recipe < the flags. `run_plan` takes the run folder and hands over to adapt.launch (data,
+class images, the loop), imported there and then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checks import default_output
+from .config import build, read_recipe
+from .errors import AdaptError
+from .fileio import RECIPE_FILE
+from .methods import METHODS, MethodSpec
+
+log = logging.getLogger("adapt")
+
+
+@dataclass
+class Plan:
+    command: str                   # the training command (a METHODS name), as recorded in the run's recipe
+    spec: MethodSpec               # the method that runs (DreamBooth --lora: the LoRA method)
+    configs: dict[str, Any]        # {section: config} of every section the method reads
+    template: str | list[str]      # prompt template(s) for images without a caption file
+    model: str | None              # as given (None: the bundled model)
+    output: Path
+
+
+def make_plan(command: str, options: dict[str, Any]) -> Plan:
+    """`options`: the command's flags by parameter name (None = not given), with model, output,
+    recipe and overwrite."""
+    spec = METHODS[command]
+    recipe = read_recipe(options["recipe"]) if options.get("recipe") else None
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    configs = {s: build(s, recipe, flags) for s in spec.sections if s != "train"}
+    spec = spec.resolve(configs)
+    model = options.get("model")
+    suggested = _model_suggestions(model, command) if spec.model_defaults else {}
+    configs["train"] = build("train", recipe, flags, {**spec.train_defaults, **suggested})
+    if suggested:
+        log.info("the model suggests %s for %s (its adapt.json); flags and recipes override",
+                 ", ".join(f"{k}={v}" for k, v in suggested.items()), command)
+    prompt_given = flags.get("prompt") is not None or "prompt" in (recipe or {}).get("data", {})
+    template = spec.load().settle(configs, prompt_given)
+    data, train_cfg = configs["data"], configs["train"]
+    if data.images is None and data.dataset is None:
+        raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files) or --dataset NAME_OR_PATH")
+    if data.token is None:
+        raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
+    for config in configs.values():
+        if hasattr(config, "check"):  # checks that belong to a run, not to every build (DreamBooth's scheduler)
+            config.check()
+    if train_cfg.resume and options.get("output") is None:
+        raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
+    output = _output_dir(options.get("output"), command, options.get("overwrite", False))
+    return Plan(command, spec, configs, data.prompt if template is None else template, model, output)
+
+
+def _model_suggestions(model: str | None, command: str) -> dict:
+    from .models import model_defaults, resolve_model
+
+    return model_defaults(resolve_model(model)).get(command, {})
+
+
+def _output_dir(output: Path | None, command: str, overwrite: bool) -> Path:
+    out = output or default_output(command)
+    if out.exists() and not out.is_dir():
+        raise AdaptError(f"--output {out} is a file; pass a folder for the run")
+    if (out / RECIPE_FILE).exists() and not overwrite:
+        raise AdaptError(f"{out} already holds a finished run; pass another --output or --overwrite to replace it")
+    return out
+
+
+def run_plan(plan: Plan) -> None:
+    """Hold the run folder (a second run there is refused before anything loads), then train."""
+    from .launch import run
+    from .locks import run_folder
+
+    with run_folder(plan.output):
+        run(plan)

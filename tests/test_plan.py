@@ -1,0 +1,64 @@
+"""plan.py without typer: flags + recipe + the model's adapt.json + the method's defaults -> a Plan."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from adapt.errors import AdaptError
+from adapt.plan import make_plan
+
+
+@pytest.fixture()
+def model_with_defaults(tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    (folder / "adapt.json").write_text(json.dumps({"textual-inversion": {"lr": 0.01, "steps": 7},
+                                                   "dreambooth": {"lr": 1e-5}}))
+    return str(folder)
+
+
+def opts(tmp_path, **kw):
+    return {"images": tmp_path, "token": "<t>", "output": tmp_path / "run", **kw}
+
+
+def test_precedence_flag_over_recipe_over_model_over_method_default(model_with_defaults, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nsteps = 9\n")
+    ti = dict(init_token="cat", model=model_with_defaults)
+    assert make_plan("textual-inversion", opts(tmp_path, **ti)).configs["train"].lr == 0.01  # model over method
+    plan = make_plan("textual-inversion", opts(tmp_path, recipe=recipe, **ti))
+    assert plan.configs["train"].steps == 9 and plan.configs["train"].lr == 0.01  # recipe over model
+    assert make_plan("textual-inversion", opts(tmp_path, recipe=recipe, steps=3, **ti)).configs["train"].steps == 3
+    assert make_plan("textual-inversion", opts(tmp_path, init_token="cat")).configs["train"].lr != 0.01
+
+
+def test_method_defaults_and_variants(tiny_model, tmp_path):
+    full = make_plan("dreambooth", opts(tmp_path, model=tiny_model))
+    assert full.configs["train"].lr == 5e-6 and full.spec.target.endswith(":FullMethod")
+    lora = make_plan("dreambooth", opts(tmp_path, model=tiny_model, lora=True, rank=8))
+    assert lora.configs["train"].lr == 1e-4 and lora.spec.target.endswith(":LoraMethod")
+    assert lora.configs["lora"].rank == 8 and lora.command == "dreambooth"
+    assert make_plan("lora", opts(tmp_path, model=tiny_model)).configs["train"].lr == 1e-4
+
+
+def test_templates_scale_lr_and_output(tiny_model, tmp_path):
+    plan = make_plan("textual-inversion", opts(tmp_path, model=tiny_model, init_token="cat", scale_lr=True, batch_size=2))
+    assert isinstance(plan.template, list) and plan.configs["train"].lr == pytest.approx(0.01)
+    given = make_plan("textual-inversion", opts(tmp_path, model=tiny_model, init_token="cat", prompt="x {token}"))
+    assert given.template == "x {token}"
+    assert make_plan("lora", opts(tmp_path, model=tiny_model)).output == tmp_path / "run"
+    assert make_plan("lora", opts(tmp_path, model=tiny_model, output=None)).output.name.startswith("lora-")
+
+
+@pytest.mark.parametrize("command,extra,message", [
+    ("textual-inversion", {}, "--init-token"),
+    ("lora", {"token": None}, "no token"),
+    ("dreambooth", {"class_scheduler": "nope"}, "nope"),
+    ("lora", {"resume": "latest", "output": None}, "--resume needs --output"),
+])
+def test_errors_before_anything_heavy(tiny_model, tmp_path, command, extra, message):
+    with pytest.raises(AdaptError, match=message):
+        make_plan(command, {**opts(tmp_path, model=tiny_model), **extra})
