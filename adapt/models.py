@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdaptError
+from .logs import quiet_libraries
 from .untrusted import check_model_folder_files
 
 log = logging.getLogger("adapt")
@@ -144,17 +145,6 @@ def assemble_pipeline(sdxl: bool, parts: dict | None = None, *, folder=None, dty
     return cls(**parts, **no_checker, **({} if sdxl else {"feature_extractor": None}))
 
 
-def quiet_libraries() -> None:
-    """Hide the libraries' own loading bars and info logs; adapt shows its own progress."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def load_components(model: str | None, device: str = "cpu", dtype=None) -> Components:
     """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
     An SDXL folder (tokenizer_2 / text_encoder_2) is detected from model_index.json."""
@@ -162,7 +152,7 @@ def load_components(model: str | None, device: str = "cpu", dtype=None) -> Compo
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    quiet_libraries()
+    quiet_libraries(loaded=True)
     dtype = dtype or torch.float32
     path = resolve_model(model)
     sdxl = is_sdxl_folder(path)
