@@ -14,6 +14,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+def run(*args):
+    """`adapt ARGS...` in this process: (exit code, stdout and stderr interleaved). Test files import
+    it (`from conftest import run`); pytest puts tests/ on the path."""
+    from typer.testing import CliRunner
+
+    from adapt.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     from adapt.models import build_tiny_pipeline

@@ -9,18 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from adapt.cli import app
 from adapt.config import build, read_recipe
+from conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "pytorch_lora_weights.safetensors"
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output  # stdout and stderr interleaved
 
 
 def _imports_after(argv: list[str]) -> tuple[int, bool]:

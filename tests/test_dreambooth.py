@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import adapt.infer
 from adapt.classimages import MANIFEST, ensure_class_images
-from adapt.cli import app
 from adapt.data import BatchOrder
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
+from conftest import run
 
 
 def test_every_batch_holds_instance_and_class_images():

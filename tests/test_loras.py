@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from adapt.cli import app
 from adapt.config import LoraConfig, TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
@@ -18,13 +16,9 @@ from adapt.loras import combine, read_lora, reduce_rank
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
+from conftest import run
 
 PROMPT = "a photo of <sks>"
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def _train_lora(model, images, out, **lora):

@@ -8,20 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from adapt.cli import app
 from adapt.encode import size_conditioning
 from adapt.infer import generate, load_pipeline
 from adapt.loras import read_lora
 from adapt.models import build_tiny_sdxl_pipeline, load_components
+from conftest import run
 
 PROMPT = "a photo of <sks>"
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from adapt.cli import app
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
 from adapt.embeddings import read_embedding
 from adapt.methods.textual_inversion import TEMPLATES, TextualInversionMethod, expand_prompt
 from adapt.models import load_components
+from conftest import run
 
 TOKEN = "<disc-toy>"
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
