@@ -31,6 +31,10 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
+import safetensors.torch  # save_file looked up at call time (tests patch it)
+import torch
+
 from .errors import AdaptError
 from .fileio import atomic_dir
 
@@ -107,20 +111,17 @@ def write_manifest(folder: Path) -> None:
 
 def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
                     generators: dict, loop: dict, keep: int) -> Path:
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
     final = root / f"{PREFIX}{step:06d}"
     with atomic_dir(final) as tmp:
-        save_file({n: p.detach().float().contiguous().cpu() for n, p in named_params.items()}, str(tmp / "trainable.safetensors"))
+        trainable = {n: p.detach().float().contiguous().cpu() for n, p in named_params.items()}
+        safetensors.torch.save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         rng = {k: g.get_state() for k, g in generators.items()}
         rng["torch_global"] = torch.get_rng_state()
         if torch.cuda.is_available():
             rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
+        safetensors.torch.save_file(rng, str(tmp / "rng.safetensors"))
         np_state = np.random.get_state()
         global_rng = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
         (tmp / "loop.json").write_text(json.dumps({"step": step, **loop, "global_rng": global_rng}))
@@ -175,11 +176,7 @@ def load_checkpoint(path: Path, named_params: dict, optimizer, lr_scheduler, sca
                     scheduler_scale: tuple[int, int] = (1, 1)) -> list[str]:
     """Restore the state saved in `path`; returns the names of the generators that had to be
     reseeded (their state was made on another device type)."""
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = safetensors.torch.load_file(str(path / "trainable.safetensors"))
     if weights.keys() != named_params.keys() or any(weights[n].shape != p.shape for n, p in named_params.items()):
         raise AdaptError(f"checkpoint {path} holds other trainable weights than this run (another method, rank or model?); "
                          "resume with the recipe that made it, or start a new --output")
@@ -195,7 +192,7 @@ def load_checkpoint(path: Path, named_params: dict, optimizer, lr_scheduler, sca
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     reseeded = []
-    for k, t in load_file(str(path / "rng.safetensors")).items():
+    for k, t in safetensors.torch.load_file(str(path / "rng.safetensors")).items():
         if k in generators:
             try:
                 generators[k].set_state(t)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import AdaptError
+from .schedulers import check_scheduler
 
 
 def default_output(kind: str) -> Path:
@@ -15,8 +16,6 @@ def default_output(kind: str) -> Path:
 
 
 def check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:
-    from .schedulers import check_scheduler
-
     check_scheduler(scheduler)
     if count < 1 or steps < 1:
         raise AdaptError("--num-images and --steps must be >= 1")

@@ -19,10 +19,14 @@ import logging
 import re
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from . import infer  # infer.generate / load_pipeline looked up at call time (tests patch them)
 from .errors import AdaptError
 from .fileio import write_json
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, save_image
 from .locks import FolderLock, remove_partial_files
+from .models import resolve_model
 
 log = logging.getLogger("adapt")
 MANIFEST = "manifest.json"
@@ -44,8 +48,6 @@ def ensure_class_images(model: str | None, class_prompt: str, count: int, resolu
                         folder: str | Path | None = None, cache_root: str | Path = "outputs/class-images",
                         batch_size: int = 8, progress: bool = True) -> tuple[Path, list[Path]]:
     """Make sure at least `count` class images exist; return (folder, the first `count` images)."""
-    from .models import resolve_model
-
     if count < 1:
         raise AdaptError(f"--num-class-images must be >= 1, got {count}")
     model_path = resolve_model(model)
@@ -75,19 +77,14 @@ def _generate(model, model_path: Path, folder: Path, have: list[Path], count: in
     todo = list(itertools.islice(free, count - len(have)))
     class_prompt, scheduler, steps = settings["class_prompt"], settings["scheduler"], settings["steps"]
     log.info("generating %d class images for %r in %s (%s, %d steps)", len(todo), class_prompt, folder, scheduler, steps)
-    from tqdm.auto import tqdm
-
-    from .images import save_image
-    from .infer import generate, load_pipeline
-
-    pipe = load_pipeline(model, scheduler)
+    pipe = infer.load_pipeline(model, scheduler)
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"model": str(model_path), **settings, "images": []}
     bar = tqdm(total=len(todo), desc="class images", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_size):
         seeds = todo[start:start + batch_size]
-        images = generate(pipe, [class_prompt] * len(seeds), seeds, steps=steps, guidance=settings["guidance"],
-                          size=settings["resolution"], batch_size=batch_size)
+        images = infer.generate(pipe, [class_prompt] * len(seeds), seeds, steps=steps, guidance=settings["guidance"],
+                                size=settings["resolution"], batch_size=batch_size)
         for seed, img in zip(seeds, images):
             save_image(img, folder / f"class-{seed:05d}.png")
             manifest["images"].append({"file": f"class-{seed:05d}.png", "seed": seed})

@@ -25,6 +25,9 @@ from .config import SECTIONS, check_lora_format, field_help
 from .errors import AdaptError
 from .logs import quiet_libraries
 from .methods import METHODS, MethodSpec
+from .plan import make_plan, run_plan
+from .schedulers import SCHEDULERS
+from .signals import interrupt_on_sigterm
 
 HELP = """Fine-tune Stable-Diffusion-style models on one GPU (or CPU) and generate with the result.
 
@@ -76,8 +79,6 @@ def user_errors(fn):
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False):
     _DEBUG["on"] = _DEBUG["on"] or debug
-    from .signals import interrupt_on_sigterm
-
     interrupt_on_sigterm()  # SIGTERM stops a command as cleanly as Ctrl-C (partial files removed)
     rank = int(os.environ.get("RANK", "0") or 0)  # under `accelerate launch`, only process 0 talks
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -122,8 +123,6 @@ def training_parameters(spec: MethodSpec) -> list[inspect.Parameter]:
 
 def _training_command(name: str, help: str) -> None:
     def command(**options):
-        from .plan import make_plan, run_plan
-
         run_plan(make_plan(name, options))
 
     command.__name__ = name.replace("-", "_")
@@ -167,7 +166,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              output: Annotated[Optional[Path], typer.Option(help="Folder for image-NNN.png, grid.png, generation.json. Default: outputs/generate-<timestamp>.")] = None):
     check_sampling(scheduler, steps, num_images, size)
     loras, embeddings = lora_specs(lora), embedding_specs(embedding)
-    from .infer import generate_to_folder
+    from .infer import generate_to_folder  # lazy: a command's body loads torch only after its arguments are checked
 
     generate_to_folder(prompt, output or default_output("generate"), model=model, loras=loras, embeddings=embeddings,
                        fuse=fuse, allow_pickle=allow_pickle, lenient=lenient, scheduler=scheduler, steps=steps,
@@ -216,7 +215,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              output: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and grid.png. Default: outputs/eval-<timestamp>.")] = None):
     check_eval_args(prompts, prompt, batch_size, limit, {"--refs": refs, "--refs-b": refs_b, "--set": set_, "--style-refs": style_refs})
     check_sampling(scheduler, steps, num_images, size)
-    from .eval_io import format_table, read_prompts
+    from .eval_io import format_table, read_prompts  # lazy: PIL and numpy (metrics), after the argument checks
 
     if prompts is not None:
         items = read_prompts(prompts, seed)[:limit]
@@ -224,7 +223,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
         items = [{"caption": p, "seed": seed + k} for p in prompt for k in range(num_images)]
     loras, compare_loras, embeddings = lora_specs(lora), lora_specs(compare_lora), embedding_specs(embedding)
     out = output or default_output("eval")
-    from .evaluate import evaluate_models
+    from .evaluate import evaluate_models  # lazy: loads torch (a command's body)
 
     metrics = evaluate_models(items, out, model=model, loras=loras, embeddings=embeddings, compare_model=compare_model,
                               compare_loras=compare_loras, scheduler=scheduler, steps=steps, guidance=guidance, size=size,
@@ -254,13 +253,13 @@ def merge(lora: Lora = None,
     check_merge_args(loras, output, into_model, rank, overwrite)
     if output is not None:
         check_lora_format(format)
-        from .lora_tools import merge_to_file
+        from .lora_tools import merge_to_file  # lazy: loads torch (a command's body)
 
         err = merge_to_file(loras, output, format, rank, allow_pickle, lenient)
         if rank is not None:
             typer.echo(f"rank {rank}: relative error ||dW - dW_r|| / ||dW|| = {err:.6f}")
         return
-    from .lora_tools import merge_into_model
+    from .lora_tools import merge_into_model  # lazy: loads torch (a command's body)
 
     merge_into_model(loras, model, into_model, allow_pickle, lenient)
 
@@ -285,15 +284,13 @@ def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert 
         raise AdaptError(f"LoRA file {file} not found")
     if output.exists() and not overwrite:
         raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
-    from .lora_tools import convert as convert_lora
+    from .lora_tools import convert as convert_lora  # lazy: loads torch (a command's body)
 
     convert_lora(file, to, output, allow_pickle, lenient)
 
 
 @app.command(help="List the sampler names `generate` accepts, with when to choose each.")
 def schedulers():
-    from .schedulers import SCHEDULERS
-
     width = max(map(len, SCHEDULERS))
     for name, spec in SCHEDULERS.items():
         typer.echo(f"{name:<{width}}  {'stochastic' if spec.stochastic else 'deterministic':<13}  {spec.note}")

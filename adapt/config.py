@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdaptError
+from .schedulers import check_scheduler
 
 
 def _f(default, help: str, *, cli: Any = None, flags: str | None = None, recipe_only: bool = False):
@@ -111,8 +112,6 @@ class DreamBoothConfig:
 
     def check(self) -> None:
         """Before a run: the class-image scheduler is one `adapt schedulers` lists."""
-        from .schedulers import check_scheduler
-
         check_scheduler(self.class_scheduler)
 
 

@@ -9,14 +9,20 @@ weights into per-sample loss weights so that the loop's `sum(weight * per_sample
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdaptError
+import numpy as np
+import torch
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, load_rgb
+from .errors import AdaptError
+from .images import IMAGE_SUFFIXES, load_rgb, save_image, to_rgb
 from .untrusted import check_caption, check_pixels, read_caption
+
+log = logging.getLogger("adapt")
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,6 @@ def list_images(folder: str | Path) -> list[Path]:
 def check_images(examples: list[Example], resolution: int, skip_bad: bool = False) -> list[Example]:
     """Decode every image once before any model is loaded: a corrupt file is named at once (or
     dropped with a warning under skip_bad); images smaller than the resolution get a warning."""
-    import logging
-
-    log = logging.getLogger("adapt")
     bad: set[Path] = set()
     for image in dict.fromkeys(ex.image for ex in examples):
         try:
@@ -135,9 +138,6 @@ def crop_geometry(example: Example, size: tuple[int, int]) -> tuple[tuple[int, i
 def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = False):
     """Image -> float tensor [3, H, W] in [-1, 1]: scaled (bicubic; upscaled if smaller) to cover
     size = (W, H) (or a square side), center crop, optional horizontal flip."""
-    import numpy as np
-    import torch
-
     width, height = (size, size) if isinstance(size, int) else size
     try:
         img = load_rgb(example.image)
@@ -169,8 +169,6 @@ class BatchOrder:
     sees the same batches."""
 
     def __init__(self, groups: list[int], batch_size: int, seed: int, keys: list | None = None, num_processes: int = 1):
-        import torch
-
         self.members = [[i for i, g in enumerate(groups) if g == key] for key in sorted(set(groups))]
         self.keys = keys or [None] * len(groups)
         self.batch_size, self.num_processes = batch_size, num_processes
@@ -178,8 +176,6 @@ class BatchOrder:
         self.pending: list[list[int]] = [[] for _ in self.members]
 
     def _refill(self, k: int) -> None:
-        import torch
-
         members = self.members[k]
         self.pending[k] += [members[j] for j in torch.randperm(len(members), generator=self.generator).tolist()]
 
@@ -210,8 +206,6 @@ def loss_weights(batch: list[Example]):
     Plain data -> 1/B each (a plain mean). Instance + class samples ->
     mean(instance) + lambda * mean(class), the DreamBooth prior-preservation loss.
     """
-    import torch
-
     counts: dict[int, int] = {}
     for ex in batch:
         counts[ex.group] = counts.get(ex.group, 0) + 1
@@ -224,10 +218,8 @@ def dataset_examples(name_or_path: str, image_column: str, caption_column: str, 
     saved with save_to_disk, or a hub dataset already in the local cache (nothing is downloaded).
     The images are written once as PNGs under `folder`, so the rest of the pipeline (caching,
     resume) works on files; captions get {token} / {class_word} filled in."""
-    import os
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
+    import datasets  # lazy: optional and slow, only for --dataset (and after the offline switch above)
 
     path = Path(name_or_path).expanduser()
     try:
@@ -254,7 +246,6 @@ def dataset_examples(name_or_path: str, image_column: str, caption_column: str, 
                              f"pass {flag} NAME")
     if len(ds) == 0:
         raise AdaptError(f"dataset {name_or_path!r} is empty")
-    from .images import save_image, to_rgb
 
     folder = Path(folder)
     out = []

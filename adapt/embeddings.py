@@ -22,6 +22,7 @@ def save_embedding(embeds: dict, token: str, out_dir: Path, recipe: dict, format
     """embeds = {"text_encoder": [N, dim]} (SD) or with "text_encoder_2" too (SDXL). SD files:
     {token: [N, dim]} (diffusers) / {"emb_params": ...} (A1111); SDXL files hold "clip_l" and
     "clip_g", the layout diffusers' loaders and ComfyUI read."""
+    # lazy: LIGHT module (methods.textual_inversion, which plan loads, imports it)
     from safetensors.torch import save_file
 
     meta = {"format": "pt", "adapt.recipe": json.dumps(recipe, sort_keys=True), "adapt.token": token}

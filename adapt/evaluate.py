@@ -16,7 +16,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from . import infer
+from .data import list_images
 from .errors import AdaptError
 from .eval_io import load_refs, normalise_item
 from .fileio import write_json
@@ -34,10 +37,6 @@ GenerateFn = Callable[[list, list], list]
 
 def _progress(iterable, total: int, enabled: bool, desc: str):
     if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bars are a nicety, not a requirement
         return iterable
     return tqdm(iterable, total=total, desc=desc, unit="batch")
 
@@ -118,8 +117,6 @@ def run_eval(
         for row, d in zip(rows, per_item):
             row["drift"] = float(d)
     if set_dir is not None:
-        from .data import list_images
-
         set_feats = features(list_images(set_dir))
         metrics["set_distance"] = {
             "model": distance_to_set(gen_feats, set_feats),
@@ -215,14 +212,12 @@ def evaluate_models(items: list[dict], out: Path, *, model: str | None = None, l
                     allow_pickle: bool = False, lenient: bool = False, **scoring) -> dict:
     """The body of `adapt eval`: render `items` with the model (and the compare model, when given)
     and score them with run_eval (`scoring`: its refs_dir, refs_b_dir, set_dir, base_seed, style_dirs)."""
-    from .infer import default_guidance, generate, load_pipeline
-
-    guidance = default_guidance(model) if guidance is None else guidance
+    guidance = infer.default_guidance(model) if guidance is None else guidance
 
     def renderer(model_name, lora_list, embedding_list=()):
-        pipe = load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,
-                             embeddings=embedding_list, allow_pickle=allow_pickle, lenient=lenient)
-        return lambda ps, ss: generate(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
+        pipe = infer.load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,
+                                   embeddings=embedding_list, allow_pickle=allow_pickle, lenient=lenient)
+        return lambda ps, ss: infer.generate(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
 
     compare = renderer(compare_model, compare_loras) if (compare_model or compare_loras) else None
     return run_eval(renderer(model, loras, embeddings), items, out, compare=compare, batch_size=batch_size, **scoring)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AdaptError
+from .untrusted import check_safetensors
 
 RECIPE_FILE = "recipe.json"  # the settings that made a run's output, beside it
 
@@ -49,8 +52,6 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder there is
     removed only after the new one is complete), on error it is removed and `path` is untouched."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
@@ -107,9 +108,7 @@ def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool
     with a warning, and even then through torch.load(weights_only=True): tensors, numbers and
     strings only, never arbitrary objects. Nested dicts (A1111 embeddings) are flattened with '.'.
     """
-    from safetensors import SafetensorError, safe_open
-
-    from .untrusted import check_safetensors
+    from safetensors import SafetensorError, safe_open  # lazy: LIGHT module (plan imports it before argument errors)
 
     path = Path(path)
     if not path.is_file():
@@ -124,9 +123,7 @@ def read_safetensors(path: str | Path, what: str = "weights", allow_pickle: bool
         hint = (" It looks like a pickle file: convert it to safetensors, or pass --allow-pickle if you trust"
                 " where it came from (pickle files can run code).") if path.suffix.lower() in PICKLE_SUFFIXES else ""
         raise AdaptError(f"{path} is not a readable .safetensors {what} file ({reason}); adapt reads safetensors only.{hint}")
-    import logging
-
-    import torch
+    import torch  # lazy: LIGHT module (plan imports it before argument errors)
 
     logging.getLogger("adapt").warning("--allow-pickle: reading pickle file %s (tensors only, weights_only=True); "
                                        "only do this for files you trust", path)

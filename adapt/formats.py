@@ -17,10 +17,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from .errors import AdaptError
+import safetensors.torch  # save_file looked up at call time (tests patch it)
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+
 from .fileio import RECIPE_FILE, atomic_dir, atomic_path, write_json
 from .lora_names import module_key
 from .loras import Lora, write_lora
+from .models import DEFAULTS_FILE
 
 log = logging.getLogger("adapt")
 
@@ -29,8 +33,6 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 def peft_loras(components) -> dict:
     """The trained peft adapters of the UNet / text encoder as {component.module_path: Lora}."""
-    from peft.utils import get_peft_model_state_dict
-
     out = {}
     for prefix in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(components, prefix, None)
@@ -101,8 +103,6 @@ def save_pipeline(components, out_dir, recipe: dict) -> Path:
 def save_fused_pipeline(pipe, base: Path, out_dir, recipe: dict) -> Path:
     """`pipe` (LoRAs fused into its weights) as a pipeline folder, whole or not at all, that samples
     like its base: the base's scheduler config and adapt.json, not the sampler used while fusing."""
-    from .models import DEFAULTS_FILE
-
     base = Path(base)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -124,9 +124,6 @@ def standard_clip_keys(folder: Path) -> None:
     """Give a saved CLIP text encoder (a folder whose config.json says clip_text_model) the
     standard key layout, `text_model.` before every key but `text_projection`: transformers 5
     saves CLIPTextModel without it, which transformers 4.x loads as random weights."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -141,7 +138,7 @@ def standard_clip_keys(folder: Path) -> None:
                 continue
             tensors = {_standard_clip_key(k): f.get_tensor(k) for k in keys}
         with atomic_path(file) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())

@@ -6,7 +6,11 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
+
+from .fileio import atomic_path
+from .untrusted import check_pixels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -19,8 +23,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bit instead of clipping everything to white.
-        import numpy as np
-
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray((arr / peak * 255.0).round().astype("uint8"), "L")
@@ -34,8 +36,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    from .untrusted import check_pixels
-
     with Image.open(path) as img:
         check_pixels(img, path)  # from the header, before decoding
         img.load()
@@ -57,8 +57,6 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 
 def save_image(img: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically: a crash leaves either the old file or the new one, never half."""
-    from .fileio import atomic_path
-
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)

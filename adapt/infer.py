@@ -8,15 +8,19 @@ Each image has its own seeded generator: the same seed gives the same image at a
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
+
+import torch
 
 from .embeddings import read_embedding
 from .errors import AdaptError
-from .fileio import read_safetensors
+from .fileio import read_safetensors, write_json
+from .images import make_grid, save_image
 from .lora_names import module_key
 from .loras import is_kohya, parse_lora, report_unplaced, write_lora
 from .logs import quiet_libraries
-from .models import resolve_model
+from .models import assemble_pipeline, is_sdxl_folder, model_defaults, resolve_model
 from .schedulers import make_scheduler
 from .untrusted import check_finite
 
@@ -32,10 +36,6 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     (`lenient`: see set_loras) and the textual-inversion embeddings loaded. `fuse` folds the LoRAs
     into the weights (faster sampling, same images within float tolerance) and removes the adapter
     layers."""
-    import torch
-
-    from .models import assemble_pipeline, is_sdxl_folder
-
     quiet_libraries(loaded=True)
     path = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,8 +86,6 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, 
     pickles (only with allow_pickle, tensors only) and files with modules left out are handed to
     diffusers as our own diffusers-layout copy; errors always name the user's file.
     """
-    import tempfile
-
     if not loras:
         return
     # A canonical order: adapters are summed one after the other, and float addition is not
@@ -131,8 +129,6 @@ def model_modules(pipe) -> set[str]:
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
              negative_prompt: str | None = None, size: int | None = None, batch_size: int = 8):
     """Render one image per (prompt, seed); returns PIL images."""
-    import torch
-
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     images = []
@@ -152,9 +148,6 @@ def native_size(pipe) -> int:
 
 def write_images(images, out_dir: str | Path, settings: dict) -> list[Path]:
     """image-000.png ... plus grid.png and generation.json (the settings that made them)."""
-    from .fileio import write_json
-    from .images import make_grid, save_image
-
     out_dir = Path(out_dir)
     paths = [save_image(img, out_dir / f"image-{i:03d}.png") for i, img in enumerate(images)]
     save_image(make_grid(images), out_dir / "grid.png")
@@ -164,8 +157,6 @@ def write_images(images, out_dir: str | Path, settings: dict) -> list[Path]:
 
 def default_guidance(model: str | None) -> float:
     """The guidance scale the model's adapt.json suggests, else 7.5."""
-    from .models import model_defaults
-
     return float(model_defaults(resolve_model(None if model in (None, "bundled") else model)).get("guidance", 7.5))
 
 

@@ -10,9 +10,11 @@ Unix only (fcntl); on a network filesystem this is as good as its flock emulatio
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +35,6 @@ class FolderLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "FolderLock":
-        import fcntl
-
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -97,8 +97,6 @@ def _same_file(fd: int, path: Path) -> bool:
 def remove_partial_files(folder: str | os.PathLike) -> int:
     """Delete what interrupted atomic writes left (`.NAME.*.tmp` files, `.NAME.*.partial` folders)
     in `folder` and one level below; only call it while holding the folder's lock."""
-    import shutil
-
     folder, removed = Path(folder), 0
     if not folder.is_dir():
         return 0

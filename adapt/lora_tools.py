@@ -7,8 +7,13 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
+from .formats import save_fused_pipeline
+from .infer import load_pipeline
 from .lora_names import is_sdxl
 from .loras import combine, read_lora, reduce_rank, write_lora
+from .models import resolve_model
 
 log = logging.getLogger("adapt")
 
@@ -34,12 +39,6 @@ def merge_to_file(loras: list[tuple[str, float]], output: Path, fmt: str, rank: 
 def merge_into_model(loras: list[tuple[str, float]], model: str | None, into_model: Path, allow_pickle: bool = False,
                      lenient: bool = False) -> None:
     """A diffusers model folder with the LoRAs fused into its weights."""
-    import torch
-
-    from .formats import save_fused_pipeline
-    from .infer import load_pipeline
-    from .models import resolve_model
-
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32, loras=loras, fuse=True, allow_pickle=allow_pickle,
                          lenient=lenient)
     save_fused_pipeline(pipe, resolve_model(model), into_model, {"method": "merge", "base_model": str(model or "bundled"),

@@ -24,6 +24,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch  # save_file looked up at call time (tests patch it)
+import torch
+
 from .config import check_lora_format
 from .errors import AdaptError
 from .fileio import atomic_path, read_safetensors
@@ -150,8 +153,6 @@ def _uniform(loras: dict[str, Lora]) -> dict[str, Lora]:
     """Same update with one rank and one alpha for the whole file, the shape every loader
     understands without per-module patterns: kept as it is when that already holds, else
     alpha = rank and ranks zero-padded (zero rows add nothing to up @ down)."""
-    import torch
-
     if len({(lo.rank, lo.alpha) for lo in loras.values()}) == 1:
         return loras
     rank = max(lo.rank for lo in loras.values())
@@ -171,8 +172,6 @@ def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers",
                sdxl: bool | None = None) -> Path:
     """Write `loras` as one safetensors file in `fmt` (diffusers or kohya), atomically. `sdxl`
     (default: lora_names.is_sdxl of the modules and metadata) picks kohya's SDXL names."""
-    from safetensors.torch import save_file
-
     check_lora_format(fmt)
     if not loras:
         raise AdaptError("nothing to write: the LoRA has no modules")
@@ -184,13 +183,11 @@ def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers",
     tensors = _kohya_tensors(loras, meta, sdxl) if fmt == "kohya" else _diffusers_tensors(loras, meta)
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
 def _kohya_tensors(loras: dict[str, Lora], meta: dict, sdxl: bool) -> dict:
-    import torch
-
     tensors = {}
     for key, lo in sorted(loras.items()):
         name = to_kohya_name(key, sdxl)
@@ -222,8 +219,6 @@ def _diffusers_tensors(loras: dict[str, Lora], meta: dict) -> dict:
 def combine(weighted: list[tuple[dict[str, Lora], float]]) -> dict[str, Lora]:
     """One LoRA that is exactly sum_i w_i * (alpha_i / r_i) * B_i A_i: ranks concatenated, each
     file's weight and scale folded into its up matrix (alpha = total rank, so scale 1)."""
-    import torch
-
     keys = sorted({k for loras, _ in weighted for k in loras})
     out = {}
     for key in keys:
@@ -240,8 +235,6 @@ def combine(weighted: list[tuple[dict[str, Lora], float]]) -> dict[str, Lora]:
 def reduce_rank(loras: dict[str, Lora], rank: int) -> tuple[dict[str, Lora], float]:
     """Best rank-`rank` approximation of each module's update (truncated SVD); returns the LoRA
     and the relative error ||dW - dW_r||_F / ||dW||_F over all modules together."""
-    import torch
-
     if rank < 1:
         raise AdaptError(f"--rank must be >= 1, got {rank}")
     out, err2, total2 = {}, 0.0, 0.0

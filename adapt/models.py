@@ -58,6 +58,7 @@ def resolve_model(model: str | None) -> Path:
     if path.exists():
         return check_model_folder(path)
     if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        # lazy: LIGHT module (plan resolves the model before argument errors)
         from huggingface_hub import snapshot_download
         try:
             folder = snapshot_download(model, local_files_only=True)
@@ -136,6 +137,7 @@ def assemble_pipeline(sdxl: bool, parts: dict | None = None, *, folder=None, dty
     """THE place that builds a StableDiffusionPipeline / StableDiffusionXLPipeline: from `parts` in
     memory (vae, unet, scheduler, text_encoder[_2], tokenizer[_2]), or loaded from a pipeline
     `folder` in `dtype`. SD 1.x/2.x pipelines come without a safety checker."""
+    # lazy: LIGHT module (plan resolves the model before argument errors)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
@@ -148,7 +150,7 @@ def assemble_pipeline(sdxl: bool, parts: dict | None = None, *, folder=None, dty
 def load_components(model: str | None, device: str = "cpu", dtype=None) -> Components:
     """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
     An SDXL folder (tokenizer_2 / text_encoder_2) is detected from model_index.json."""
-    import torch
+    import torch  # lazy: LIGHT module (plan resolves the model before argument errors)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -235,7 +237,7 @@ def build_pipeline_folder(out_dir: str | Path, unet: dict, vae: dict, text: dict
     Used for tests (tiny), benchmarks (the real SD 1.5 architecture) and the bundled base model's
     starting point. The tokenizer is the real CLIP one shipped with the package.
     """
-    import torch
+    import torch  # lazy: LIGHT module (plan resolves the model before argument errors)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -267,7 +269,7 @@ TINY_SDXL_UNET = dict(  # two resnets per level, as every SD/SDXL UNet (Stabilit
 def build_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny SDXL-layout model: two CLIP text encoders (the second with a projection, 32-d pooled
     output), a UNet with text_time added conditioning; 16 px images. For tests only."""
-    import torch
+    import torch  # lazy: LIGHT module (plan resolves the model before argument errors)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

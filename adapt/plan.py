@@ -18,7 +18,9 @@ from .checks import default_output
 from .config import build, read_recipe
 from .errors import AdaptError
 from .fileio import RECIPE_FILE
+from .locks import run_folder
 from .methods import METHODS, MethodSpec
+from .models import model_defaults, resolve_model
 
 log = logging.getLogger("adapt")
 
@@ -64,8 +66,6 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
 
 
 def _model_suggestions(model: str | None, command: str) -> dict:
-    from .models import model_defaults, resolve_model
-
     return model_defaults(resolve_model(model)).get(command, {})
 
 
@@ -80,8 +80,7 @@ def _output_dir(output: Path | None, command: str, overwrite: bool) -> Path:
 
 def run_plan(plan: Plan) -> None:
     """Hold the run folder (a second run there is refused before anything loads), then train."""
-    from .launch import run
-    from .locks import run_folder
+    from .launch import run  # lazy: launch loads torch; everything above runs before it
 
     with run_folder(plan.output):
         run(plan)

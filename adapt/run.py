@@ -113,7 +113,7 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
     AcceleratorState._reset_state()
     if cfg.log_with == "tensorboard":
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401  (lazy: optional, only for --log-with tensorboard)
         except ImportError:
             raise AdaptError("--log-with tensorboard needs the tensorboard package: pip install tensorboard") from None
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
@@ -171,7 +171,7 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
 def make_optimizer(cfg: TrainConfig, params):
     if cfg.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # lazy: optional, only for --optimizer adamw8bit
 
             return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels

@@ -14,6 +14,7 @@ name means the same sampler whatever the base model's config happens to carry.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -150,9 +151,7 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> "SchedulerMixin":
             f"scheduler {name!r} needs {', '.join(missing)}; install it with `pip install {' '.join(missing)}`"
         )
 
-    import inspect
-
-    import diffusers
+    import diffusers  # lazy: cli and config import this module before argument errors
 
     cls = getattr(diffusers, spec.cls)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}

@@ -82,7 +82,7 @@ class GracefulStop:
         """Whether any process got a stop signal (every process gets the same answer)."""
         flag = self.signum is not None
         if accelerator.num_processes > 1:
-            import torch
+            import torch  # lazy: LIGHT module (the CLI installs the SIGTERM handler first)
 
             flag = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
         return flag

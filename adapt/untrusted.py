@@ -89,7 +89,7 @@ def _tensor_problem(info, data: int) -> str | None:
 
 def check_finite(tensors: dict, path, what: str) -> None:
     """A NaN/inf weight (a diverged run, a broken conversion) would silently turn every image black."""
-    import torch
+    import torch  # lazy: LIGHT module (fileio and models use it before argument errors)
 
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
@@ -160,7 +160,7 @@ def check_caption(text: str, where: str) -> str:
 def check_pixels(img, path) -> None:
     """Before decoding: an image above PIL's decompression-bomb limit (PIL itself only warns up to
     twice the limit, and decodes) is refused, as PIL refuses larger ones."""
-    from PIL import Image
+    from PIL import Image  # lazy: LIGHT module (fileio and models use it before argument errors)
 
     limit = Image.MAX_IMAGE_PIXELS
     if limit and img.width * img.height > limit:

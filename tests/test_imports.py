@@ -5,6 +5,7 @@ modules that answer `--help` and argument errors do so without importing torch."
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,28 +36,39 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
 
 
+def package_of(path: Path, name: str) -> list[str]:
+    """The package a module's relative imports start from, as a list of names."""
+    return [] if name == "__init__" else name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+
+
+def adapt_targets(node: ast.AST, package: list[str]) -> set[str]:
+    """The adapt modules one import statement imports (empty for other libraries)."""
+    found = set()
+    if isinstance(node, ast.ImportFrom):
+        if node.level:
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+        elif node.module and node.module.startswith("adapt"):
+            target = node.module.removeprefix("adapt").lstrip(".")
+        else:
+            return found
+        for alias in node.names:  # `from . import x` / `from .methods import lora` import modules
+            sub = f"{target}.{alias.name}" if target else alias.name
+            found.add(sub if sub in LEVEL else target or "__init__")
+    elif isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.name.startswith("adapt."):
+                found.add(alias.name.removeprefix("adapt."))
+    return found
+
+
 def imports_of(path: Path, name: str | None = None) -> set[str]:
     """adapt modules imported anywhere in the file (module level or inside functions)."""
     name = name or module_name(path)
-    is_package = path.name == "__init__.py"
-    package = [] if name == "__init__" else name.split(".") if is_package else name.split(".")[:-1]
+    package = package_of(path, name)
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
-                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
-            elif node.module and node.module.startswith("adapt"):
-                target = node.module.removeprefix("adapt").lstrip(".")
-            else:
-                continue
-            for alias in node.names:  # `from . import x` / `from .methods import lora` import modules
-                sub = f"{target}.{alias.name}" if target else alias.name
-                found.add(sub if sub in LEVEL else target or "__init__")
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("adapt."):
-                    found.add(alias.name.removeprefix("adapt."))
+        found |= adapt_targets(node, package)
     found.discard(name)
     return found
 
@@ -115,3 +127,102 @@ def test_help_does_not_import_torch(command):
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[-1] == "NO-TORCH", f"`adapt {command} --help` imported torch"
+
+
+# --- LIGHT modules: what `adapt --help`, `adapt CMD --help` and argument errors import -------------
+# They import nothing heavy at module level (heavy imports stay inside their functions). Every
+# other module imports what it uses at the top.
+LIGHT = {
+    "__init__", "errors", "logs", "signals", "schedulers",  # the CLI's own imports and its callback
+    "cli", "__main__", "checks", "config",                   # options, --help, argument checks
+    "methods",                                               # the METHODS table the options come from
+    "plan",                                                  # make_plan: every run argument error
+    "methods.full", "methods.lora", "methods.textual_inversion",  # plan loads the method class (settle)
+    "embeddings",                                            # methods.textual_inversion imports it
+    "models",                                                # plan resolves --model (its adapt.json)
+    "fileio", "untrusted",                                   # plan (RECIPE_FILE), models (folder checks)
+    "locks",                                                 # run_plan refuses a held run folder first
+}
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "PIL")
+# In-function imports a non-LIGHT module may keep: optional, slow, and needed for one option only.
+ALLOWED_LAZY = {
+    ("data", "datasets"): "optional and slow; only --dataset needs it (after HF_DATASETS_OFFLINE is set)",
+    ("run", "bitsandbytes"): "optional; only --optimizer adamw8bit needs it",
+    ("run", "tensorboard"): "optional; only --log-with tensorboard needs it",
+}
+CHECKED = (*HEAVY, "datasets", "bitsandbytes", "tensorboard")
+
+
+def test_light_modules_and_argument_errors_import_nothing_heavy(tmp_path):
+    """Argument errors of every kind load only LIGHT modules, and importing every LIGHT module
+    loads none of the heavy libraries."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    errors = [["--help"], ["lora", "--help"], ["schedulers"], ["generate", "x", "--size", "30"], ["eval"], ["merge"],
+              *([cmd, "--images", str(images), "--token", "<sks>", "--resume", "latest"]
+                for cmd in ("lora", "dreambooth", "textual-inversion")),
+              ["dreambooth", "--lora", "--images", str(images), "--token", "<sks>", "--resume", "latest"]]
+    importable = sorted(LIGHT - {"__main__"})  # importing __main__ runs the CLI; it only imports cli
+    code = ("import importlib, json, sys\nfrom adapt.cli import app\n"
+            f"for argv in {errors!r}:\n"
+            "    try:\n        app(argv)\n    except SystemExit:\n        pass\n"
+            "loaded = sorted(m.removeprefix('adapt.') for m in sys.modules if m.startswith('adapt.'))\n"
+            f"for m in {importable!r}:\n"
+            "    importlib.import_module('adapt' if m == '__init__' else 'adapt.' + m)\n"
+            f"print(json.dumps([loaded, [h for h in {HEAVY!r} if h in sys.modules]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    loaded, heavy = json.loads(out.stdout.splitlines()[-1])
+    assert set(loaded) <= LIGHT, f"argument errors imported non-LIGHT modules: {sorted(set(loaded) - LIGHT)}"
+    assert {"plan", "models", "methods.lora", "methods.full", "methods.textual_inversion"} <= set(loaded)
+    assert heavy == [], f"importing the LIGHT modules imported {heavy}"
+
+
+def lazy_imports(path: Path, name: str | None = None) -> list[tuple[int, str]]:
+    """(line, what) of every import inside a function: an adapt module by its LAYERS name, any
+    other library by its top-level package."""
+    name = name or module_name(path)
+    package = package_of(path, name)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.ImportFrom):
+                ours = adapt_targets(sub, package)
+                out |= {(sub.lineno, t) for t in ours} if ours or sub.level else {(sub.lineno, sub.module.split(".")[0])}
+            elif isinstance(sub, ast.Import):
+                for alias in sub.names:
+                    one = ast.Import(names=[alias])
+                    out |= {(sub.lineno, t) for t in adapt_targets(one, package)} or {(sub.lineno, alias.name.split(".")[0])}
+    return sorted(out)
+
+
+def test_only_light_modules_import_heavy_libraries_or_adapt_modules_in_functions():
+    """Everything that is not LIGHT imports torch & co. and the adapt modules it uses at the top;
+    the only exceptions are ALLOWED_LAZY (and each of those is still there)."""
+    assert LIGHT <= set(LEVEL)
+    found, used = [], set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        if name in LIGHT:
+            continue
+        for line, what in lazy_imports(path):
+            if (name, what) in ALLOWED_LAZY:
+                used.add((name, what))
+            elif what in LEVEL or what in CHECKED:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {what} inside a function")
+    assert not found, "import these at the top (or add the module to LIGHT / ALLOWED_LAZY with a reason):\n" + "\n".join(found)
+    assert used == set(ALLOWED_LAZY), f"stale ALLOWED_LAZY entries: {sorted(set(ALLOWED_LAZY) - used)}"
+
+
+def test_the_lazy_import_finder(tmp_path):
+    (tmp_path / "methods").mkdir()
+    f = tmp_path / "methods" / "lora.py"
+    f.write_text("import torch\nfrom ..errors import AdaptError\n"
+                 "def g():\n    import torch.nn\n    from ..formats import save_lora\n    from . import full\n"
+                 "    from safetensors.torch import save_file\n    import adapt.infer, os\n")
+    assert lazy_imports(f, "methods.lora") == [(4, "torch"), (5, "formats"), (6, "methods.full"), (7, "safetensors"),
+                                               (8, "infer"), (8, "os")]

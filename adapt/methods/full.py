@@ -27,6 +27,7 @@ class FullMethod(Method):
         return [p for n in self.trainable_modules for p in getattr(components, n).parameters()]
 
     def save(self, components, out_dir, recipe: dict) -> None:
+        # lazy: LIGHT module (plan loads the method class to settle its configs)
         from ..formats import save_pipeline
 
         save_pipeline(components, out_dir, recipe)

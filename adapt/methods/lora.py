@@ -10,6 +10,7 @@ run's recipe is in both files' metadata.
 from __future__ import annotations
 
 from ..config import LoraConfig
+from ..errors import AdaptError
 from . import Method
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj"]
@@ -25,6 +26,7 @@ class LoraMethod(Method):
         return cls(configs["lora"])
 
     def _config(self, targets):
+        # lazy: LIGHT module (plan loads the method class to settle its configs)
         from peft import LoraConfig as PeftLoraConfig
 
         # gaussian A, zero B (as diffusers' LoRA examples): the untrained adapter is an exact no-op.
@@ -32,8 +34,6 @@ class LoraMethod(Method):
                               target_modules=targets)
 
     def prepare(self, components) -> None:
-        from ..errors import AdaptError
-
         names = {n.rsplit(".", 1)[-1] for n, _ in components.unet.named_modules()}
         dotted = {n for n, _ in components.unet.named_modules()}
         for t in self.cfg.target_modules:
@@ -49,6 +49,7 @@ class LoraMethod(Method):
         return [p for n in self.trainable_modules for p in getattr(components, n).parameters() if p.requires_grad]
 
     def save(self, components, out_dir, recipe: dict) -> None:
+        # lazy: LIGHT module (plan loads the method class to settle its configs)
         from ..formats import save_lora
 
         save_lora(components, out_dir, recipe, self.cfg.format)

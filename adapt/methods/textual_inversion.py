@@ -83,7 +83,7 @@ class TextualInversionMethod(Method):
         return None if prompt_given else TEMPLATES[ti.property]
 
     def prepare(self, components) -> None:
-        import torch
+        import torch  # lazy: LIGHT module (plan loads the method class to settle its configs)
 
         self.trainable_modules = components.text_encoder_names
         self.rows = {}  # encoder name -> (new row ids, original weight, mask of rows to keep)
@@ -112,7 +112,7 @@ class TextualInversionMethod(Method):
         return [self._weight(components, n) for n in self.trainable_modules]
 
     def after_step(self, components) -> None:
-        import torch
+        import torch  # lazy: LIGHT module (plan loads the method class to settle its configs)
 
         with torch.no_grad():
             for name, (_, original, keep) in self.rows.items():
