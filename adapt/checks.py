@@ -23,7 +23,7 @@ def check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> 
         raise AdaptError(f"--size {size} must be a positive multiple of 8")
 
 
-def parse_weighted(spec: str, what: str = "LoRA") -> tuple[str, float]:
+def parse_weighted(spec: str) -> tuple[str, float]:
     """'path/to/file.safetensors:0.8' -> (path, 0.8); no ':weight' means weight 1."""
     path, sep, weight = spec.rpartition(":")
     if sep and path:

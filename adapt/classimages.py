@@ -27,6 +27,7 @@ from .fileio import write_json
 from .images import IMAGE_SUFFIXES, save_image
 from .locks import FolderLock, remove_partial_files
 from .models import resolve_model
+from .schedulers import DEFAULT_SCHEDULER
 
 log = logging.getLogger("adapt")
 MANIFEST = "manifest.json"
@@ -44,7 +45,7 @@ def _existing(folder: Path) -> list[Path]:
 
 
 def ensure_class_images(model: str | None, class_prompt: str, count: int, resolution: int, *,
-                        scheduler: str = "dpm++2m-karras", steps: int = 25, guidance: float = 7.5,
+                        scheduler: str = DEFAULT_SCHEDULER, steps: int = 25, guidance: float = 7.5,
                         folder: str | Path | None = None, cache_root: str | Path = "outputs/class-images",
                         batch_size: int = 8, progress: bool = True) -> tuple[Path, list[Path]]:
     """Make sure at least `count` class images exist; return (folder, the first `count` images)."""

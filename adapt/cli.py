@@ -26,7 +26,7 @@ from .errors import AdaptError
 from .logs import quiet_libraries
 from .methods import METHODS, MethodSpec
 from .plan import make_plan, run_plan
-from .schedulers import SCHEDULERS
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .signals import interrupt_on_sigterm
 
 HELP = """Fine-tune Stable-Diffusion-style models on one GPU (or CPU) and generate with the result.
@@ -158,7 +158,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
              fuse: Annotated[bool, typer.Option(help="Fuse the LoRAs into the weights before sampling (faster; same images within float tolerance).")] = False,
              allow_pickle: AllowPickle = False, lenient: Lenient = False,
-             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = None,
+             scheduler: Scheduler = DEFAULT_SCHEDULER, steps: SampleSteps = 25, guidance: Guidance = None,
              negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from.")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
              num_images: Annotated[int, typer.Option(help="How many images.")] = 1,
@@ -207,7 +207,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              model: Model = None, lora: Lora = None, embedding: Embedding = None,
              compare_model: Annotated[Optional[str], typer.Option(help="Second model for drift and comparison; 'bundled' = the bundled base.")] = None,
              compare_lora: Annotated[Optional[List[str]], typer.Option(help="LoRA(s) for the compare model, FILE[:WEIGHT].")] = None,
-             scheduler: Scheduler = "dpm++2m-karras", steps: SampleSteps = 25, guidance: Guidance = None,
+             scheduler: Scheduler = DEFAULT_SCHEDULER, steps: SampleSteps = 25, guidance: Guidance = None,
              seed: Annotated[int, typer.Option(help="Seed of the first prompt; prompt i uses seed+i unless its line sets one.")] = 0,
              size: Size = None,
              batch_size: Annotated[int, typer.Option(help="Images rendered at once.")] = 8,

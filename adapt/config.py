@@ -1,10 +1,12 @@
 """Typed run configuration and recipe loading.
 
-A run is described by three small dataclasses, each read only by the code that needs it:
-`DataConfig` (data.py), `LoraConfig` (methods/lora.py) and `TrainConfig` (train.py).
-Values come from three layers, later ones winning: the dataclass defaults, a recipe TOML file
-(sections `[data]`, `[lora]`, `[train]`), then the flags given on the command line. An unknown
-section or key, or a value of the wrong type, is an error at load time.
+A run is described by one dataclass per section (`SECTIONS`): `DataConfig` [data], `LoraConfig`
+[lora], `DreamBoothConfig` [dreambooth], `TextualInversionConfig` [textual_inversion] and
+`TrainConfig` [train]. Each field is one recipe key and one flag: its default, help text and
+command-line spelling are declared once, with `_f`, and the CLI generates its options from them.
+Values come in layers, later ones winning (plan.py): the field defaults, the method's own
+defaults, the model's adapt.json, a recipe TOML file, then the flags. An unknown section or key,
+or a value of the wrong type, is an error at load time.
 
 This module imports nothing heavy: the CLI builds configs (and reports mistakes in them) before
 torch is imported.
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdaptError
-from .schedulers import check_scheduler
+from .schedulers import DEFAULT_SCHEDULER, check_scheduler
 
 
 def _f(default, help: str, *, cli: Any = None, flags: str | None = None, recipe_only: bool = False):
@@ -31,11 +33,14 @@ def _f(default, help: str, *, cli: Any = None, flags: str | None = None, recipe_
     return field(default=default, metadata=meta)
 
 
+DEFAULT_PROMPT = "a photo of {token}"  # with --class-word: "a photo of {token} {class_word}"
+
+
 @dataclass
 class DataConfig:
     images: str | None = _f(None, "Folder of training images; `name.txt` beside an image is its caption.", cli=Path)
     token: str | None = _f(None, "The rare word the concept is bound to, e.g. '<sks>'. Must not contain spaces.")
-    prompt: str = _f("a photo of {token}", "Prompt template for images without a caption file; {token} and {class_word} are filled in.")
+    prompt: str = _f(DEFAULT_PROMPT, "Prompt template for images without a caption file; {token} and {class_word} are filled in.")
     class_word: str | None = _f(None, "The concept's class, e.g. 'cat'; appended to the default prompt as 'a photo of {token} {class_word}'.")
     resolution: int | None = _f(None, "Training size in pixels (resize shorter side, center crop). Default: the model's native size.")
     random_flip: bool = _f(False, "Also train on horizontally flipped images (doubles the latent cache).")
@@ -97,7 +102,7 @@ class DreamBoothConfig:
     num_class_images: int = _f(100, "How many class images to use (generated with the base model when missing).")
     prior_loss_weight: float = _f(1.0, "lambda in loss = mean(instance) + lambda * mean(class).")
     class_images: str | None = _f(None, "Folder of your own class images (topped up by generation when too few).", cli=Path)
-    class_scheduler: str = _f("dpm++2m-karras", "Scheduler for generating class images.")
+    class_scheduler: str = _f(DEFAULT_SCHEDULER, "Scheduler for generating class images.")
     class_steps: int = _f(25, "Denoising steps for generating class images.")
     train_text_encoder: bool = _f(False, "Also fine-tune the text encoder (saved in the pipeline folder); more memory.")
     lora: bool = _f(False, "DreamBooth-LoRA: train LoRA adapters (the [lora] settings) instead of the full UNet.", flags="--lora/--full")

@@ -1,7 +1,7 @@
 """Training examples: images + prompts + per-sample loss weights, and the batch order.
 
 An `Example` is one image with its prompt. Prior preservation (DreamBooth) is expressed as data:
-class images are examples of another `group` with their own `weight`, and `collate` turns
+class images are examples of another `group` with their own `weight`, and `loss_weights` turns
 weights into per-sample loss weights so that the loop's `sum(weight * per_sample_mse)` equals
 `mean(instance losses) + weight * mean(class losses)` for a batch that holds both.
 """
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import DEFAULT_PROMPT
 from .errors import AdaptError
 from .images import IMAGE_SUFFIXES, load_rgb, save_image, to_rgb
 from .untrusted import check_caption, check_pixels, read_caption
@@ -91,8 +92,8 @@ def instance_examples(folder: str | Path, token: str | None, template: str | lis
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise AdaptError(f"{meta} line {n}: expected JSON with 'file_name' and 'text' keys") from None
     templates = [template] if isinstance(template, str) else list(template)
-    if templates == ["a photo of {token}"] and class_word:
-        templates = ["a photo of {token} {class_word}"]
+    if templates == [DEFAULT_PROMPT] and class_word:
+        templates = [DEFAULT_PROMPT + " {class_word}"]
     out = []
     for img in images:
         txt = img.with_suffix(".txt")

@@ -26,6 +26,7 @@ from .fileio import write_json
 from .images import make_grid, save_image, to_rgb
 from .metrics import (FEATURE_SIZE, _paired_distances, distance_to_set, diversity, features, nearest_style,
                       retrieval, style)
+from .schedulers import DEFAULT_SCHEDULER
 
 GenerateFn = Callable[[list, list], list]
 
@@ -108,31 +109,42 @@ def run_eval(
     ref_by_item = _fidelity(metrics, rows, notes, items, gen_feats, refs_dir, refs_b_dir)
     if style_dirs:
         metrics["styles"] = _styles(rows, items, gen_feats, [Path(d) for d in style_dirs])
-    cmp_images = cmp_feats = None
-    if compare is not None:
-        cmp_images = _generate_all(compare, captions, seeds, batch_size, progress, "compare")
-        cmp_feats = features(cmp_images)
-        per_item = _paired_distances(gen_feats, cmp_feats, "model and compare features")
-        metrics["drift"] = float(per_item.mean())
-        for row, d in zip(rows, per_item):
-            row["drift"] = float(d)
+    cmp_images, cmp_feats = _compare(metrics, rows, compare, captions, seeds, gen_feats, batch_size, progress)
     if set_dir is not None:
-        set_feats = features(list_images(set_dir))
-        metrics["set_distance"] = {
-            "model": distance_to_set(gen_feats, set_feats),
-            "compare": None if cmp_feats is None else distance_to_set(cmp_feats, set_feats),
-            "set_images": int(set_feats.shape[0]),
-        }
+        metrics["set_distance"] = _set_distance(set_dir, gen_feats, cmp_feats)
     metrics.update(items=rows, notes=notes, config={
-        "refs_dir": None if refs_dir is None else str(refs_dir),
-        "refs_b_dir": None if refs_b_dir is None else str(refs_b_dir),
-        "style_dirs": [str(d) for d in style_dirs], "compare": compare is not None,
-        "set_dir": None if set_dir is None else str(set_dir), "base_seed": base_seed, "batch_size": batch_size,
+        "refs_dir": _str(refs_dir), "refs_b_dir": _str(refs_b_dir), "style_dirs": [str(d) for d in style_dirs],
+        "compare": compare is not None, "set_dir": _str(set_dir), "base_seed": base_seed, "batch_size": batch_size,
         "feature_space": f"RGB on white, box-resized to {FEATURE_SIZE}x{FEATURE_SIZE}, [0,1], L2",
     })
     metrics["grid_layout"] = _save_grid(gen_images, ref_by_item, cmp_images, out_dir / "grid.png")
     write_json(out_dir / "eval.json", metrics)
     return metrics
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def _set_distance(set_dir, gen_feats: np.ndarray, cmp_feats: np.ndarray | None) -> dict:
+    """Did the model (and the compare model) move toward the images of set_dir?"""
+    set_feats = features(list_images(set_dir))
+    return {"model": distance_to_set(gen_feats, set_feats),
+            "compare": None if cmp_feats is None else distance_to_set(cmp_feats, set_feats),
+            "set_images": int(set_feats.shape[0])}
+
+
+def _compare(metrics: dict, rows: list[dict], compare, captions, seeds, gen_feats, batch_size: int, progress: bool):
+    """The compare model on the same prompts and seeds: drift per item and overall; its images and features."""
+    if compare is None:
+        return None, None
+    cmp_images = _generate_all(compare, captions, seeds, batch_size, progress, "compare")
+    cmp_feats = features(cmp_images)
+    per_item = _paired_distances(gen_feats, cmp_feats, "model and compare features")
+    metrics["drift"] = float(per_item.mean())
+    for row, d in zip(rows, per_item):
+        row["drift"] = float(d)
+    return cmp_images, cmp_feats
 
 
 def _fidelity(metrics: dict, rows: list[dict], notes: list[str], items: list[dict], gen_feats: np.ndarray,
@@ -207,7 +219,7 @@ def _save_grid(gen_images: list, ref_by_item: list, cmp_images: list | None, pat
 
 
 def evaluate_models(items: list[dict], out: Path, *, model: str | None = None, loras=(), embeddings=(),
-                    compare_model: str | None = None, compare_loras=(), scheduler: str = "dpm++2m-karras", steps: int = 25,
+                    compare_model: str | None = None, compare_loras=(), scheduler: str = DEFAULT_SCHEDULER, steps: int = 25,
                     guidance: float | None = None, size: int | None = None, batch_size: int = 8,
                     allow_pickle: bool = False, lenient: bool = False, **scoring) -> dict:
     """The body of `adapt eval`: render `items` with the model (and the compare model, when given)
@@ -215,7 +227,7 @@ def evaluate_models(items: list[dict], out: Path, *, model: str | None = None, l
     guidance = infer.default_guidance(model) if guidance is None else guidance
 
     def renderer(model_name, lora_list, embedding_list=()):
-        pipe = infer.load_pipeline(None if model_name in (None, "bundled") else model_name, scheduler, loras=lora_list,
+        pipe = infer.load_pipeline(model_name, scheduler, loras=lora_list,
                                    embeddings=embedding_list, allow_pickle=allow_pickle, lenient=lenient)
         return lambda ps, ss: infer.generate(pipe, ps, ss, steps=steps, guidance=guidance, size=size, batch_size=batch_size)
 

@@ -1,4 +1,4 @@
-"""Reading and writing artifacts: LoRA files and pipeline folders, always with their recipe.
+"""Writing a run's artifacts: LoRA files and pipeline folders, always with their recipe (reading: loras.py, models.py).
 
 A LoRA run writes two small files by default: `pytorch_lora_weights.safetensors` in diffusers'
 layout (with peft's adapter config in `lora_adapter_metadata`, as `save_lora_weights` writes it,

@@ -1,7 +1,8 @@
 """THE inference module: a base pipeline + scheduler by name + LoRAs with a weight each.
 
-Everything that renders images (`adapt generate`, `adapt eval`, class images, validation samples)
-goes through `load_pipeline` + `generate`, so an image made one way equals an image made another.
+Everything that renders images goes through `generate`: `adapt generate`, `adapt eval` and class
+images on a pipeline from `load_pipeline`, validation samples on the training modules assembled by
+`models.assemble_pipeline`; so an image made one way equals an image made another.
 Each image has its own seeded generator: the same seed gives the same image at any batch size.
 """
 
@@ -21,12 +22,11 @@ from .lora_names import module_key
 from .loras import is_kohya, parse_lora, report_unplaced, write_lora
 from .logs import quiet_libraries
 from .models import assemble_pipeline, is_sdxl_folder, model_defaults, resolve_model
-from .schedulers import make_scheduler
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .untrusted import check_finite
 
 log = logging.getLogger("adapt")
 
-DEFAULT_SCHEDULER = "dpm++2m-karras"
 
 
 def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, device: str | None = None,
@@ -142,10 +142,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidan
     return images
 
 
-def native_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 def write_images(images, out_dir: str | Path, settings: dict) -> list[Path]:
     """image-000.png ... plus grid.png and generation.json (the settings that made them)."""
     out_dir = Path(out_dir)
@@ -157,7 +153,7 @@ def write_images(images, out_dir: str | Path, settings: dict) -> list[Path]:
 
 def default_guidance(model: str | None) -> float:
     """The guidance scale the model's adapt.json suggests, else 7.5."""
-    return float(model_defaults(resolve_model(None if model in (None, "bundled") else model)).get("guidance", 7.5))
+    return float(model_defaults(resolve_model(model)).get("guidance", 7.5))
 
 
 def generate_to_folder(prompt: str, out: Path, *, model: str | None = None, loras=(), embeddings=(), fuse: bool = False,

@@ -1,8 +1,10 @@
 """Base-model resolution and loading (diffusers StableDiffusionPipeline layout), plus tiny models.
 
 `resolve_model` turns what the user typed (nothing, a folder, a cached hub id) into a folder, or a
-one-line error saying what to pass instead. `load_components` returns the five parts the training
-loop needs, frozen and in eval mode.
+one-line error saying what to pass instead; `model_defaults` reads the settings a model folder
+recommends (its adapt.json). `load_components` returns the parts the training loop needs (VAE,
+UNet, tokenizer(s) and text encoder(s), noise scheduler), frozen and in eval mode;
+`assemble_pipeline` is the one place a pipeline is built from parts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ REQUIRED = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 REQUIRED_SDXL = REQUIRED + ("tokenizer_2", "text_encoder_2")
 
 
+BUNDLED = "bundled"  # --model bundled names the bundled base explicitly (as --compare-model does)
 _SAID: set = set()  # the bundled-model line is said once per process
 DEFAULTS_FILE = "adapt.json"
 
@@ -44,9 +47,9 @@ def model_defaults(path: Path) -> dict:
 
 
 def resolve_model(model: str | None) -> Path:
-    """A diffusers pipeline folder for `model`: the bundled base when None, a local folder, or a
-    hub id that is already in the local Hugging Face cache (nothing is downloaded)."""
-    if model is None:
+    """A diffusers pipeline folder for `model`: the bundled base when None or "bundled", a local
+    folder, or a hub id that is already in the local Hugging Face cache (nothing is downloaded)."""
+    if model in (None, BUNDLED) and not Path(BUNDLED).exists():
         if not (BUNDLED_MODEL / "model_index.json").is_file():
             raise AdaptError(f"no --model given and the bundled base model is missing at {BUNDLED_MODEL}; "
                              "pass --model PATH to a diffusers Stable Diffusion folder")

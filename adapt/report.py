@@ -16,7 +16,7 @@ from .errors import AdaptError
 from .fileio import atomic_path
 from .images import make_grid, save_image
 from .models import assemble_pipeline
-from .schedulers import make_scheduler
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 
 
 def metric_rows(path: Path, upto: int) -> list[dict]:
@@ -53,7 +53,7 @@ def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, 
     (fixed seeds, dpm++2m-karras), as one grid."""
     if c.vae is None or c.text_encoder is None:
         raise AdaptError("validation needs the VAE and text encoder; they were released")
-    parts = {"vae": c.vae, "unet": c.unet, "scheduler": make_scheduler(infer.DEFAULT_SCHEDULER, c.noise_scheduler.config),
+    parts = {"vae": c.vae, "unet": c.unet, "scheduler": make_scheduler(DEFAULT_SCHEDULER, c.noise_scheduler.config),
              **{n: getattr(c, n) for n in c.text_encoder_names},
              **{n.replace("text_encoder", "tokenizer"): t for n, t in zip(c.text_encoder_names, c.tokenizers)}}
     parts.update({n: accelerator.unwrap_model(getattr(c, n)) for n in method.trainable_modules})

@@ -33,6 +33,7 @@ class SchedulerSpec:
     requires: tuple[str, ...] = ()  # extra importable modules the diffusers class needs
 
 
+DEFAULT_SCHEDULER = "dpm++2m-karras"  # generate, eval, class images and validation grids, unless told otherwise
 SCHEDULERS: dict[str, SchedulerSpec] = {
     "ddpm": SchedulerSpec(
         "DDPMScheduler",

@@ -36,10 +36,9 @@ from .config import TrainConfig
 from .data import Example, loss_weights
 from .errors import AdaptError
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
-from .run import Run, place_for_training, setup
+from .run import Run, setup
 from .signals import graceful_stop
 
-__all__ = ["diffusion_loss", "place_for_training", "train"]
 
 log = logging.getLogger("adapt")
 

@@ -105,3 +105,13 @@ def test_bad_lora_files_are_clear_errors(tiny_model, tmp_path):
     save_file({key: torch.zeros(4, 999), key.replace(".lora.down.", ".lora.up."): torch.zeros(32, 4)}, str(wrong))
     with pytest.raises(AdaptError, match="does not fit this model"):
         load_pipeline(str(tiny_model), "euler", loras=[(str(wrong), 1.0)])
+
+
+def test_model_bundled_names_the_bundled_base_everywhere(tmp_path):
+    """`--model bundled` (as `--compare-model bundled`) is the bundled base, unless a folder of that name exists."""
+    from adapt.models import BUNDLED_MODEL, resolve_model
+
+    assert resolve_model("bundled") == resolve_model(None) == BUNDLED_MODEL
+    (tmp_path / "bundled").mkdir()  # the test runs in tmp_path: a real folder named bundled wins
+    with pytest.raises(AdaptError, match="bundled"):
+        resolve_model("bundled")

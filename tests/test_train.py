@@ -13,7 +13,8 @@ from adapt.data import Example, instance_examples, loss_weights
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
-from adapt.train import diffusion_loss, place_for_training, train
+from adapt.run import place_for_training
+from adapt.train import diffusion_loss, train
 
 
 @pytest.mark.parametrize("model", ["tiny_model", "tiny_v_model"])
