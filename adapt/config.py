@@ -66,6 +66,7 @@ class DataConfig:
 
 
 LORA_FORMATS = ("diffusers", "kohya")  # LoRA file layouts: diffusers/peft, kohya (ComfyUI, A1111)
+EMBEDDING_FORMATS = ("diffusers", "a1111")  # textual-inversion files: diffusers, A1111/ComfyUI
 LORA_TARGET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 
 
@@ -130,7 +131,7 @@ class TextualInversionConfig:
 
     def __post_init__(self):
         _choice("property", self.property, ("object", "style"))
-        _choice("format", self.format, ("diffusers", "a1111"))
+        _choice("format", self.format, EMBEDDING_FORMATS)
         if self.num_vectors < 1:
             raise AdaptError(f"--num-vectors must be >= 1, got {self.num_vectors}")
 

@@ -10,12 +10,11 @@ import re
 from pathlib import Path
 
 from .errors import AdaptError
-from .fileio import atomic_path, read_safetensors
+from .fileio import RECIPE_FILE, atomic_path, read_safetensors, write_json
 
 log = logging.getLogger("adapt")
 
 EMBEDS_FILE = "learned_embeds.safetensors"
-FORMATS = ("diffusers", "a1111")
 
 
 def save_embedding(embeds: dict, token: str, out_dir: Path, recipe: dict, formats=("diffusers",)) -> list[Path]:
@@ -37,6 +36,7 @@ def save_embedding(embeds: dict, token: str, out_dir: Path, recipe: dict, format
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         written.append(path)
+    write_json(out_dir / RECIPE_FILE, recipe)  # beside the files too, as LoRA and pipeline runs have it
     return written
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig, TextualInversionConfig, TrainConfig
 from adapt.data import Example, instance_examples
 from adapt.infer import generate, load_pipeline
 from adapt.methods.full import FullMethod
@@ -144,7 +144,7 @@ def test_dreambooth_prior_preservation_keeps_the_class_and_learns_the_instance(t
 @UNDERTRAINED
 def test_textual_inversion_token_draws_twemoji_cats(tmp_path):
     rec = model_defaults(BUNDLED_MODEL)["textual-inversion"]
-    train(load_components(None), TextualInversionMethod("<cat-toy>", "cat"), instance_examples(CAT, "<cat-toy>", "x"),
+    train(load_components(None), TextualInversionMethod(TextualInversionConfig(init_token="cat"), "<cat-toy>"), instance_examples(CAT, "<cat-toy>", "x"),
           TrainConfig(steps=rec["steps"], lr=rec["lr"]), tmp_path, resolution=64, progress=False)
     learned = _render(["an emoji of <cat-toy>"] * 8, SEEDS, embeddings=[(str(tmp_path / "learned_embeds.safetensors"), None)])
     init = _render(["an emoji of cat"] * 8, SEEDS)

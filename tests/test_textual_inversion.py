@@ -13,6 +13,7 @@ import torch
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
+from adapt.config import TextualInversionConfig
 from adapt.embeddings import read_embedding
 from adapt.methods.textual_inversion import TEMPLATES, TextualInversionMethod, expand_prompt
 from adapt.models import load_components
@@ -48,7 +49,7 @@ def test_only_the_new_rows_train(tiny_model, ti_run):
     c = load_components(tiny_model)
     before = {k: v.clone() for k, v in c.text_encoder.state_dict().items()}
     unet_before = {k: v.clone() for k, v in c.unet.state_dict().items()}
-    method = TextualInversionMethod(TOKEN, "cat", num_vectors=2)
+    method = TextualInversionMethod(TextualInversionConfig(init_token="cat", num_vectors=2), TOKEN)
     img = next(Path(json.loads((ti_run / "recipe.json").read_text())["data"]["images"]).glob("*.png"))
     examples = [Example(img, f"an emoji of {TOKEN}")]
     train(c, method, examples, TrainConfig(steps=3, lr=5e-2, cache_text=False), ti_run.parent / "inproc",

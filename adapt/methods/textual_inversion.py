@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..embeddings import FORMATS, save_embedding
+from ..config import TextualInversionConfig
+from ..embeddings import save_embedding
 from ..errors import AdaptError
-from ..fileio import RECIPE_FILE, write_json
 from . import Method
 
 # Prompt templates around the token, written for this project (the paper's idea: many contexts,
@@ -56,21 +56,16 @@ def init_token_id(tokenizer, init_token: str) -> int:
 class TextualInversionMethod(Method):
     """One new embedding row block per text encoder (SDXL: both, saved as clip_l / clip_g)."""
 
-    def __init__(self, token: str, init_token: str, num_vectors: int = 1, formats: tuple[str, ...] = ("diffusers",)):
-        if num_vectors < 1:
-            raise AdaptError(f"--num-vectors must be >= 1, got {num_vectors}")
-        for f in formats:
-            if f not in FORMATS:
-                raise AdaptError(f"unknown format {f!r}; choose one of: {', '.join(FORMATS)}")
-        self.token, self.init_token, self.formats = token, init_token, formats
-        self.tokens = vector_tokens(token, num_vectors)
+    def __init__(self, cfg: TextualInversionConfig, token: str):
+        """`cfg` is checked when built (config.py); `token` is the new word ([data] token)."""
+        self.token, self.init_token = token, cfg.init_token
+        self.formats = ("diffusers",) if cfg.format == "diffusers" else ("diffusers", cfg.format)
+        self.tokens = vector_tokens(token, cfg.num_vectors)
         self.trainable_modules = ("text_encoder",)
 
     @classmethod
     def from_configs(cls, configs: dict) -> "TextualInversionMethod":
-        ti = configs["textual_inversion"]
-        formats = ("diffusers",) if ti.format == "diffusers" else ("diffusers", ti.format)
-        return cls(configs["data"].token, ti.init_token, ti.num_vectors, formats)
+        return cls(configs["textual_inversion"], configs["data"].token)
 
     @classmethod
     def settle(cls, configs: dict, prompt_given: bool) -> list[str] | None:
@@ -128,9 +123,7 @@ class TextualInversionMethod(Method):
                 for name, (ids, _, _) in self.rows.items()}
 
     def save(self, components, out_dir, recipe: dict) -> None:
-        out_dir = Path(out_dir)
-        save_embedding(self.learned(components), self.token, out_dir, recipe, self.formats)
-        write_json(out_dir / RECIPE_FILE, recipe)
+        save_embedding(self.learned(components), self.token, Path(out_dir), recipe, self.formats)
 
 
 def _unwrap(module):
