@@ -157,6 +157,9 @@ class TrainConfig:
     cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
     cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")
     caption_dropout: float = _f(0.0, "Probability of training a sample with an empty prompt (enables classifier-free guidance).")
+    shuffle_tags: bool = _f(False, "Shuffle each caption's comma-separated tags every step (the text cache is then off).")
+    keep_tokens: int = _f(0, "With --shuffle-tags / --tag-dropout: the first N tags of a caption stay in place and are never dropped.")
+    tag_dropout: float = _f(0.0, "Drop each tag of a caption (except the kept ones) with this probability every step (the text cache is then off).")
     seed: int = _f(0, "Seed for noise, timesteps, data order and new weights.")
     checkpoint_every: int = _f(0, "Save the full training state every N steps under OUTPUT/checkpoints (0 = never).")
     keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep.")
@@ -179,6 +182,8 @@ class TrainConfig:
                 raise AdaptError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise AdaptError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.tag_dropout < 1.0 or self.keep_tokens < 0:
+            raise AdaptError(f"--tag-dropout must be in [0, 1) and --keep-tokens >= 0, got {self.tag_dropout} and {self.keep_tokens}")
         if self.lr <= 0:
             raise AdaptError(f"--lr must be > 0, got {self.lr}")
         if isinstance(self.validation_prompt, str):
@@ -192,6 +197,11 @@ class TrainConfig:
             raise AdaptError(f"unknown tracker {self.log_with!r}; choose one of: tensorboard")
         if self.num_processes < 1 or self.validation_every < 0:
             raise AdaptError("--num-processes must be >= 1 and --validation-every >= 0")
+
+    @property
+    def varies_tags(self) -> bool:
+        """Captions change from step to step (--shuffle-tags, --tag-dropout)."""
+        return self.shuffle_tags or self.tag_dropout > 0
 
 
 def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:

@@ -157,6 +157,20 @@ def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = Fals
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def vary_tags(caption: str, generator, *, shuffle: bool, keep: int, dropout: float) -> str:
+    """A caption's comma-separated tags for one step (kohya's shuffle_caption / keep_tokens /
+    caption_tag_dropout): the first `keep` tags stay in place; each other tag is dropped with
+    probability `dropout`, then the rest are shuffled. Tags are re-joined with ", "; the draws come
+    from `generator` (one number per droppable tag, then one permutation) so a run is repeatable."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    kept, rest = tags[:keep], tags[keep:]
+    if dropout:
+        rest = [t for t, r in zip(rest, torch.rand(len(rest), generator=generator).tolist()) if r >= dropout]
+    if shuffle:
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    return ", ".join(kept + rest)
+
+
 class BatchOrder:
     """Endless batches of example indices: `batch_size` examples from EACH group (instance images;
     class images for prior preservation), so every batch holds both.

@@ -93,10 +93,11 @@ class LatentCache:
 
 class TextCache:
     """Input ids per distinct prompt, and, when `fill`ed (frozen text encoders), their encoder
-    output; SDXL's size conditioning per image."""
+    output; SDXL's size conditioning per image. Unfilled, a prompt it has not seen (a caption with
+    shuffled or dropped tags) is tokenized when it comes."""
 
     def __init__(self, components, method, prompts: list[str], size_cond: dict, device):
-        self.components, self.device, self.size_cond = components, device, size_cond
+        self.components, self.method, self.device, self.size_cond = components, method, device, size_cond
         self.input_ids = {p: method.tokenize(components, p) for p in prompts}
         self.cache: dict[str, dict] = {}
 
@@ -110,7 +111,8 @@ class TextCache:
         if self.cache:
             cond = {key: torch.stack([self.cache[p][key] for p in prompts]) for key in self.cache[prompts[0]]}
         else:
-            cond = encode_prompts(self.components, torch.cat([self.input_ids[p] for p in prompts]).to(self.device))
+            ids = [self.input_ids[p] if p in self.input_ids else self.method.tokenize(self.components, p) for p in prompts]
+            cond = encode_prompts(self.components, torch.cat(ids).to(self.device))
         if self.size_cond:
             cond["time_ids"] = torch.stack([self.size_cond[ex.image]["time_ids"] for ex in batch]).to(self.device)
         return cond

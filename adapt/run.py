@@ -4,6 +4,7 @@ checkpoint. train.py steps a `Run`; nothing here runs a training step."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .data import BatchOrder, Example, target_size
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
 
+log = logging.getLogger("adapt")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -27,7 +29,8 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Run:
     """What the loop carries from step to step. `modules` are the trainable modules as accelerate
     wraps them; `generators` hold all randomness (order: batches; data: flips and caption
-    dropout; step: latent samples, noise, timesteps)."""
+    dropout; tags, only with --shuffle-tags / --tag-dropout: caption tags; step: latent samples,
+    noise, timesteps)."""
 
     cfg: TrainConfig
     components: Any
@@ -98,6 +101,8 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         # not depend on whether modules that ran in between (text encoder, VAE) drew random numbers.
         "step": torch.Generator(accelerator.device).manual_seed(cfg.seed + 2),
     }
+    if cfg.varies_tags:  # only then: checkpoints and draws of runs without these options are unchanged
+        generators["tags"] = torch.Generator().manual_seed(cfg.seed + 3)
     run = Run(cfg, components, method, examples, Path(out_dir), recipe, random_flip, accelerator, params, modules,
               optimizer, lr_scheduler, named_params, order, generators, latents, texts)
     if cfg.resume:
@@ -160,7 +165,10 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
             release(c, "vae")
     prompts = sorted({ex.prompt for ex in examples} | ({""} if cfg.caption_dropout else set()))
     texts = TextCache(c, method, prompts, size_conditions(c, examples, sizes), accelerator.device)
-    if cfg.cache_text and not set(c.text_encoder_names) & set(method.trainable_modules):
+    if cfg.cache_text and cfg.varies_tags:
+        log.info("--shuffle-tags / --tag-dropout: captions change every step, so the text cache is off "
+                 "(the text encoder stays loaded and encodes each step's captions)")
+    elif cfg.cache_text and not set(c.text_encoder_names) & set(method.trainable_modules):
         texts.fill(accelerator)
         if not keep_frozen:
             for name in c.text_encoder_names:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, save_checkpoint
 from .config import TrainConfig
-from .data import Example, loss_weights
+from .data import Example, loss_weights, vary_tags
 from .errors import AdaptError
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
 from .run import Run, setup
@@ -109,13 +109,18 @@ class Draw:
 
 
 def draw(run: Run) -> Draw:
-    """The next global batch, its flips and caption dropout (data generator), then per sample its
-    latent sample, noise (+ offset) and timestep (step generator), in this order."""
+    """The next global batch, its flips and caption dropout (data generator), its captions' tags
+    (tags generator, with --shuffle-tags / --tag-dropout), then per sample its latent sample,
+    noise (+ offset) and timestep (step generator), in this order."""
     cfg, data_rng, step_rng, device = run.cfg, run.generators["data"], run.generators["step"], run.accelerator.device
     batch = [run.examples[i] for i in run.order.next()]
     flipped = [bool(run.random_flip and torch.rand((), generator=data_rng) < 0.5) for _ in batch]
     dropped = [bool(cfg.caption_dropout and torch.rand((), generator=data_rng) < cfg.caption_dropout) for _ in batch]
-    prompts = ["" if d else ex.prompt for ex, d in zip(batch, dropped)]
+    prompts = [ex.prompt for ex in batch]
+    if cfg.varies_tags:  # its own generator: the other draws are the same with these options off
+        prompts = [vary_tags(p, run.generators["tags"], shuffle=cfg.shuffle_tags, keep=cfg.keep_tokens,
+                             dropout=cfg.tag_dropout) for p in prompts]
+    prompts = ["" if d else p for p, d in zip(prompts, dropped)]
     weights = loss_weights(batch) * run.accelerator.num_processes  # DDP averages gradients over processes; x N makes it the global sum
     T = run.components.noise_scheduler.config.num_train_timesteps
     samples = []
