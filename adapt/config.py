@@ -44,6 +44,7 @@ class DataConfig:
     class_word: str | None = _f(None, "The concept's class, e.g. 'cat'; appended to the default prompt as 'a photo of {token} {class_word}'.")
     resolution: int | None = _f(None, "Training size in pixels (resize shorter side, center crop). Default: the model's native size.")
     random_flip: bool = _f(False, "Also train on horizontally flipped images (doubles the latent cache).")
+    mask_from_alpha: bool = _f(False, "Masked loss: an image's alpha channel says where the loss counts (transparent = not learned). Without it, `name.mask.png` beside an image is its mask.")
     skip_bad_images: bool = _f(False, "Skip unreadable images with a warning instead of stopping.")
     buckets: bool = _f(False, "Aspect-ratio bucketing: train each image near its own shape (about resolution^2 pixels) instead of a center-cropped square.")
     bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels; no image loses more than this per side.")

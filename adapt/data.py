@@ -40,7 +40,9 @@ def list_images(folder: str | Path) -> list[Path]:
         raise AdaptError(f"image folder {folder} does not exist; pass --images DIR with your training images")
     if not folder.is_dir():
         raise AdaptError(f"--images {folder} is a file; pass the folder that holds the images")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    stems = {p.stem for p in files}  # `name.mask.png` beside `name.png` is a loss mask (masks.py), not an image
+    images = sorted(p for p in files if not (p.name.endswith(".mask.png") and p.name[:-len(".mask.png")] in stems))
     if not images:
         raise AdaptError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; put your training images there")
     return images
@@ -144,6 +146,14 @@ def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = Fals
         img = load_rgb(example.image)
     except (OSError, ValueError, SyntaxError) as e:
         raise AdaptError(f"cannot read image {example.image}: {e}; fix or remove it") from None
+    arr = np.asarray(fit(img, (width, height), flip), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def fit(img: Image.Image, size: tuple[int, int], flip: bool = False) -> Image.Image:
+    """Scale (bicubic) to cover size = (W, H), center crop, optional horizontal flip: how an image
+    (and its loss mask, masks.py) is cut to its training size."""
+    width, height = size
     w, h = img.size
     scale = max(width / w, height / h)
     if scale != 1:
@@ -151,10 +161,7 @@ def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = Fals
     w, h = img.size
     left, top = (w - width) // 2, (h - height) // 2
     img = img.crop((left, top, left + width, top + height))
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 
 
 def vary_tags(caption: str, generator, *, shuffle: bool, keep: int, dropout: float) -> str:

@@ -53,7 +53,7 @@ def run(plan) -> None:
     run_recipe["data"]["resolution"] = resolution
     log.info("training %s for %d steps at %d px -> %s", plan.command, train_cfg.steps, resolution, out)
     result = train(components, method, examples, train_cfg, out, resolution=resolution, random_flip=data.random_flip,
-                   bucket_step=data.bucket_step if data.buckets else None, recipe=run_recipe)
+                   mask_from_alpha=data.mask_from_alpha, bucket_step=data.bucket_step if data.buckets else None, recipe=run_recipe)
     losses, k = result["losses"], max(1, len(result["losses"]) // 10)
     log.info("done in %.0f s: loss %.4f -> %.4f (mean of the first and last 10%% of steps); wrote %s", result["seconds"],
              sum(losses[:k]) / k, sum(losses[-k:]) / k, out)

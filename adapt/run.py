@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data import BatchOrder, Example, target_size
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
+from .masks import latent_masks
 
 log = logging.getLogger("adapt")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,6 +50,7 @@ class Run:
     generators: dict
     latents: LatentCache
     texts: TextCache
+    masks: dict = field(default_factory=dict)  # image -> its loss mask at the latent size (masks.py)
     step: int = 0
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
@@ -71,7 +73,8 @@ class Run:
 
 
 def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir: Path, *, resolution: int,
-          random_flip: bool, bucket_step: int | None, recipe: dict | None, progress: bool) -> Run:
+          random_flip: bool, bucket_step: int | None, recipe: dict | None, progress: bool,
+          mask_from_alpha: bool = False) -> Run:
     """Everything before the first step, in this order (the seeded draws depend on it)."""
     if not examples:
         raise AdaptError("no training examples; pass --images DIR with at least one image")
@@ -104,7 +107,8 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     if cfg.varies_tags:  # only then: checkpoints and draws of runs without these options are unchanged
         generators["tags"] = torch.Generator().manual_seed(cfg.seed + 3)
     run = Run(cfg, components, method, examples, Path(out_dir), recipe, random_flip, accelerator, params, modules,
-              optimizer, lr_scheduler, named_params, order, generators, latents, texts)
+              optimizer, lr_scheduler, named_params, order, generators, latents, texts,
+              latent_masks([ex.image for ex in examples], sizes, latents.factor, mask_from_alpha))
     if cfg.resume:
         loop = resume(run.ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
                       run.world, recipe)

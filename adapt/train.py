@@ -35,6 +35,7 @@ from .checkpoint import list_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import Example, loss_weights, vary_tags
 from .errors import AdaptError
+from .masks import batch_mask
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
 from .run import Run, setup
 from .signals import graceful_stop
@@ -44,10 +45,12 @@ log = logging.getLogger("adapt")
 
 
 def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, loss_weight, noise, timesteps, *,
-                   added_cond_kwargs=None, snr_gamma=None):
+                   added_cond_kwargs=None, snr_gamma=None, mask=None):
     """Weighted per-sample MSE between the UNet's prediction and the epsilon / velocity target;
     with snr_gamma, each sample's MSE is also weighted by min-SNR (min(SNR, gamma) / SNR for
-    epsilon, / (SNR + 1) for v-prediction; diffusers' compute_snr)."""
+    epsilon, / (SNR + 1) for v-prediction; diffusers' compute_snr). A `mask` [B, 1, h, w] weights
+    the per-element loss before its mean (as kohya's apply_masked_loss: not renormalised by the
+    mask's area); None leaves it as it is."""
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
@@ -58,7 +61,10 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, loss_w
         raise AdaptError(f"the model's scheduler uses prediction_type={kind!r}; adapt trains 'epsilon' and 'v_prediction' models")
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                       return_dict=False)[0]
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    elementwise = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        elementwise = elementwise * mask.to(elementwise.device)
+    per_sample = elementwise.mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps).float()
         clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
@@ -69,13 +75,14 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, loss_w
 @graceful_stop
 def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir: str | Path, *,
           resolution: int, random_flip: bool = False, bucket_step: int | None = None, recipe: dict | None = None,
-          progress: bool = True, stop=None) -> dict:
+          progress: bool = True, stop=None, mask_from_alpha: bool = False) -> dict:
     """Train `method` on `examples`; write metrics.jsonl, loss.png, report.md and the method's
     artifact to out_dir. Runs as one process or as one of several (accelerate launch): every
     process draws the randomness of the whole global batch and trains on its share, so N
-    processes x batch B equal one process x batch N*B. SIGTERM/SIGINT: see signals.py."""
+    processes x batch B equal one process x batch N*B. SIGTERM/SIGINT: see signals.py. Loss masks:
+    masks.py (`mask_from_alpha`: from the images' alpha channels, else from `name.mask.png` files)."""
     run = setup(components, method, examples, cfg, Path(out_dir), resolution=resolution, random_flip=random_flip,
-                bucket_step=bucket_step, recipe=recipe, progress=progress)
+                bucket_step=bucket_step, recipe=recipe, progress=progress, mask_from_alpha=mask_from_alpha)
     acc = run.accelerator
     if acc.is_main_process:
         start_metrics(run.metrics_path, run.step)  # a resumed run continues the file
@@ -178,7 +185,9 @@ def chunk_loss(run: Run, d: Draw, js: list[int]):
         hidden = cond.pop("encoder_hidden_states")
         return diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, d.weights[js],
                               torch.stack([d.samples[j][1] for j in js]), torch.cat([d.samples[j][2] for j in js]),
-                              added_cond_kwargs=cond or None, snr_gamma=run.cfg.snr_gamma)
+                              added_cond_kwargs=cond or None, snr_gamma=run.cfg.snr_gamma,
+                              mask=batch_mask(run.masks, [ex.image for ex in batch], [d.flipped[j] for j in js],
+                                              tuple(latents.shape[1:])))
 
 
 def skip_nonfinite(run: Run, bad: float) -> None:
