@@ -140,6 +140,8 @@ class TextualInversionConfig:
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+LOSSES = ("mse", "huber", "smooth-l1")
+HUBER_SCHEDULES = ("constant", "snr", "exponential")
 
 
 @dataclass
@@ -167,6 +169,9 @@ class TrainConfig:
     resume: str | None = _f(None, "Continue a run: 'latest' (newest checkpoint in --output) or a checkpoint folder.")
     skip_nonfinite: bool = _f(False, "Skip a batch whose loss is NaN/inf (logged) instead of stopping the run.")
     snr_gamma: float | None = _f(None, "Min-SNR loss weighting with this gamma (5 is usual): faster, steadier convergence.")
+    loss: str = _f("mse", "Per-element loss: mse, huber (pseudo-Huber: quadratic below --huber-delta, linear above) or smooth-l1.")
+    huber_delta: float = _f(0.1, "huber / smooth-l1: the delta c where the loss turns from quadratic to linear (kohya's huber_c).")
+    huber_schedule: str = _f("constant", "huber / smooth-l1: delta over timesteps: constant, snr or exponential (kohya's huber_schedule).")
     noise_offset: float = _f(0.0, "Add this much per-channel offset noise (0.05-0.1) so the model learns very dark/bright images.")
     log_with: str | None = _f(None, "Also log to a tracker: tensorboard (logs under OUTPUT/logs).")
     validation_prompt: list[str] = _f((), "Prompt rendered during training with a fixed seed (repeatable).")
@@ -178,6 +183,10 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("mixed precision", self.mixed_precision, PRECISIONS)
         _choice("lr scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("loss", self.loss, LOSSES)
+        _choice("huber schedule", self.huber_schedule, HUBER_SCHEDULES)
+        if self.huber_delta <= 0:
+            raise AdaptError(f"--huber-delta must be > 0, got {self.huber_delta}")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise AdaptError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
