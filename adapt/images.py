@@ -35,11 +35,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def open_checked(path: str | os.PathLike) -> Image.Image:
+    """An image file, decoded, after its size was checked from the header (untrusted.check_pixels)."""
     with Image.open(path) as img:
         check_pixels(img, path)  # from the header, before decoding
         img.load()
-        return to_rgb(img)
+        return img
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    return to_rgb(open_checked(path))
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:

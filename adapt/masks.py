@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from .data import fit
 from .errors import AdaptError
-from .untrusted import check_pixels
+from .images import open_checked
 
 
 def mask_file(image: Path) -> Path:
@@ -22,22 +22,18 @@ def mask_file(image: Path) -> Path:
 
 
 def _open(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        check_pixels(img, path)
-        img.load()
-        return ImageOps.exif_transpose(img)
+    return ImageOps.exif_transpose(open_checked(path))
 
 
 def read_mask(image: Path, from_alpha: bool) -> Image.Image | None:
     """The mask of an image as an 8-bit greyscale image of the image's size, or None."""
-    if from_alpha:
-        img = _open(image)
-        if "A" in img.getbands() or "transparency" in img.info:
-            return img.convert("RGBA").getchannel("A")
+    img = _open(image) if from_alpha else None
+    if img is not None and ("A" in img.getbands() or "transparency" in img.info):
+        return img.convert("RGBA").getchannel("A")
     path = mask_file(image)
     if not path.is_file():
         return None
-    mask, size = _open(path).convert("L"), _open(image).size
+    mask, size = _open(path).convert("L"), (img or _open(image)).size
     if mask.size != size:
         raise AdaptError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}; "
                          "make them the same size")
