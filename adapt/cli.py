@@ -21,7 +21,8 @@ import typer
 import typer.core
 
 from .checks import check_eval_args, check_merge_args, check_sampling, default_output, embedding_specs, lora_specs
-from .config import SECTIONS, check_lora_format, field_help
+from .config import check_lora_format
+from .recipe import SECTIONS, field_help
 from .errors import AdaptError
 from .logs import quiet_libraries
 from .methods import METHODS, MethodSpec

@@ -1,12 +1,12 @@
-"""Typed run configuration and recipe loading.
+"""Typed run configuration.
 
-A run is described by one dataclass per section (`SECTIONS`): `DataConfig` [data], `LoraConfig`
+A run is described by one dataclass per section (`recipe.SECTIONS`): `DataConfig` [data], `LoraConfig`
 [lora], `DreamBoothConfig` [dreambooth], `TextualInversionConfig` [textual_inversion] and
 `TrainConfig` [train]. Each field is one recipe key and one flag: its default, help text and
 command-line spelling are declared once, with `_f`, and the CLI generates its options from them.
-Values come in layers, later ones winning (plan.py): the field defaults, the method's own
-defaults, the model's adapt.json, a recipe TOML file, then the flags. An unknown section or key,
-or a value of the wrong type, is an error at load time.
+Values come in layers, later ones winning (recipe.build): the field defaults, the method's own
+defaults, the model's adapt.json, a recipe TOML file, then the flags. A value out of range is an
+error when the dataclass is built.
 
 This module imports nothing heavy: the CLI builds configs (and reports mistakes in them) before
 torch is imported.
@@ -14,8 +14,6 @@ torch is imported.
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,71 +220,3 @@ def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
 def check_lora_format(fmt: str, *extra: str) -> None:
     """The one check of a LoRA layout name (`extra`: more accepted names, e.g. "both" for a run)."""
     _choice("LoRA format", fmt, (*extra, *LORA_FORMATS))
-
-
-SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "dreambooth": DreamBoothConfig,
-                             "textual_inversion": TextualInversionConfig, "train": TrainConfig}
-
-
-def field_help(section: str, name: str) -> str:
-    """Help text for a CLI option, taken from the config field so it is written once."""
-    f = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
-    default = f.default
-    if isinstance(default, (list, tuple)):
-        default = ",".join(default)
-    return f"{f.metadata['help']} [default: {default}]" if default is not None else f.metadata["help"]
-
-
-def _check_type(section: str, f: dataclasses.Field, value: Any) -> Any:
-    kind = str(f.type)
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-        "list": isinstance(value, (list, str)),
-    }
-    base = kind.split("|")[0].strip().split("[")[0]
-    if value is None and "None" in kind:
-        return value
-    if not ok.get(base, True):
-        raise AdaptError(f"recipe key [{section}] {f.name} = {value!r} should be of type {base}")
-    return float(value) if base == "float" else value
-
-
-def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Parse a recipe TOML into {section: {key: value}}, rejecting unknown sections and keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdaptError(f"recipe {path} not found; pass an existing .toml file (see recipes/)")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise AdaptError(f"recipe {path} is not valid TOML: {e}") from None
-    out: dict[str, dict[str, Any]] = {}
-    for section, values in raw.items():
-        if section not in SECTIONS or not isinstance(values, dict):
-            raise AdaptError(f"recipe {path}: unknown section [{section}]; valid: {', '.join(f'[{s}]' for s in SECTIONS)}")
-        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
-        for key, value in values.items():
-            if key not in fields:
-                raise AdaptError(f"recipe {path}: unknown key '{key}' in [{section}]; valid: {', '.join(fields)}")
-            out.setdefault(section, {})[key] = _check_type(section, fields[key], value)
-    return out
-
-
-def build(section: str, recipe: dict[str, dict[str, Any]] | None, overrides: dict[str, Any],
-          method_defaults: dict[str, Any] | None = None):
-    """Defaults < the method's defaults < recipe < command-line flags (None = 'not given')."""
-    cls = SECTIONS[section]
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in (method_defaults or {}).items() if k in names}
-    values.update((recipe or {}).get(section, {}))
-    values.update({k: v for k, v in overrides.items() if k in names and v is not None})
-    return cls(**values)
-
-
-def to_dict(*configs) -> dict[str, dict[str, Any]]:
-    """The recipe that reproduces a run: every section with every value, JSON/TOML-ready."""
-    inv = {cls: name for name, cls in SECTIONS.items()}
-    return {inv[type(c)]: dataclasses.asdict(c) for c in configs}

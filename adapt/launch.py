@@ -14,7 +14,7 @@ from accelerate import PartialState
 
 from . import __version__
 from .classimages import ensure_class_images
-from .config import to_dict
+from .recipe import to_dict
 from .data import Example, check_images, dataset_examples, instance_examples
 from .errors import AdaptError
 from .models import load_components, native_resolution, resolve_model

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import default_output
-from .config import build, read_recipe
+from .recipe import build, read_recipe
 from .errors import AdaptError
 from .fileio import RECIPE_FILE
 from .locks import run_folder

@@ -34,7 +34,7 @@ def one(preset: str, resolution: int, threads: int) -> dict:
     from step_time import _components, _images
 
     from adapt.cli import _make_method
-    from adapt.config import build, read_recipe
+    from adapt.recipe import build, read_recipe
     from adapt.data import Example
     from adapt.train import train
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapt.config import build, read_recipe
+from adapt.recipe import build, read_recipe
 from conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adapt"
 LAYERS = [
     ["__init__", "errors"],
     ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted"],
-    ["config", "checks"],
+    ["config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "embeddings", "formats"],
     ["encode", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
     ["infer", "checkpoint", "metrics"],
@@ -134,7 +134,7 @@ def test_help_does_not_import_torch(command):
 # other module imports what it uses at the top.
 LIGHT = {
     "__init__", "errors", "logs", "signals", "schedulers",  # the CLI's own imports and its callback
-    "cli", "__main__", "checks", "config",                   # options, --help, argument checks
+    "cli", "__main__", "checks", "config", "recipe",         # options, --help, argument checks
     "methods",                                               # the METHODS table the options come from
     "plan",                                                  # make_plan: every run argument error
     "methods.full", "methods.lora", "methods.textual_inversion",  # plan loads the method class (settle)
