@@ -90,10 +90,13 @@ Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers fold
 Output = Annotated[Optional[Path], typer.Option(help="Run folder. Default: outputs/<method>-<timestamp>.")]
 Recipe = Annotated[Optional[Path], typer.Option(help="TOML recipe: [data] [lora] [dreambooth] [train] sections of option defaults; flags override it.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace a finished run already in --output.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved settings (and where each came from), the data, steps and epochs, "
+                                           "and an estimate of peak memory and time per step; train nothing.")]
 
 
 # --- the training commands: options generated from the config fields their method reads ---------
-RUN_OPTIONS = {"model": (Model, None), "output": (Output, None), "recipe": (Recipe, None), "overwrite": (Overwrite, False)}
+RUN_OPTIONS = {"model": (Model, None), "output": (Output, None), "recipe": (Recipe, None), "overwrite": (Overwrite, False),
+               "dry_run": (DryRun, False)}
 
 
 def _option(section: str, f: dataclasses.Field, help: str | None):
@@ -124,7 +127,13 @@ def training_parameters(spec: MethodSpec) -> list[inspect.Parameter]:
 
 def _training_command(name: str, help: str) -> None:
     def command(**options):
-        run_plan(make_plan(name, options))
+        plan = make_plan(name, options)
+        if options.get("dry_run"):
+            from .dryrun import dry_run  # lazy: loads torch; the plan above is made without it
+
+            typer.echo("\n".join(dry_run(plan)))
+        else:
+            run_plan(plan)
 
     command.__name__ = name.replace("-", "_")
     command.__signature__ = inspect.Signature(training_parameters(METHODS[name]))

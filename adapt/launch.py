@@ -14,10 +14,10 @@ from accelerate import PartialState
 
 from . import __version__
 from .classimages import ensure_class_images
-from .recipe import to_dict
 from .data import Example, check_images, dataset_examples, instance_examples
 from .errors import AdaptError
 from .models import load_components, native_resolution, resolve_model
+from .recipe import describe, to_dict
 from .signals import wait_forwarding
 from .train import train
 
@@ -51,6 +51,8 @@ def run(plan) -> None:
     run_recipe = {"method": plan.command, "base_model": str(plan.model or "bundled"), "adapt_version": __version__,
                   **to_dict(*plan.configs.values())}
     run_recipe["data"]["resolution"] = resolution
+    log.info("settings not at adapt's defaults (value <- where it came from; the run's recipe.json lists all):\n%s",
+             "\n".join(describe(plan.configs, plan.sources, everything=False)))
     log.info("training %s for %d steps at %d px -> %s", plan.command, train_cfg.steps, resolution, out)
     result = train(components, method, examples, train_cfg, out, resolution=resolution, random_flip=data.random_flip,
                    mask_from_alpha=data.mask_from_alpha, bucket_step=data.bucket_step if data.buckets else None, recipe=run_recipe)

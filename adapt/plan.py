@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .checks import default_output
-from .recipe import build, read_recipe
 from .errors import AdaptError
 from .fileio import RECIPE_FILE
 from .locks import run_folder
 from .methods import METHODS, MethodSpec
 from .models import model_defaults, resolve_model
+from .recipe import build, read_recipe
 
 log = logging.getLogger("adapt")
 
@@ -33,6 +33,7 @@ class Plan:
     template: str | list[str]      # prompt template(s) for images without a caption file
     model: str | None              # as given (None: the bundled model)
     output: Path
+    sources: dict[str, dict[str, str]]  # {section: {field: "default" | "method" | "model" | "recipe" | "flag"}}
 
 
 def make_plan(command: str, options: dict[str, Any]) -> Plan:
@@ -41,11 +42,13 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
     spec = METHODS[command]
     recipe = read_recipe(options["recipe"]) if options.get("recipe") else None
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    configs = {s: build(s, recipe, flags) for s in spec.sections if s != "train"}
+    sources: dict[str, dict[str, str]] = {s: {} for s in (*spec.sections, "train")}
+    configs = {s: build(s, recipe, flags, sources=sources[s]) for s in spec.sections if s != "train"}
     spec = spec.resolve(configs)
     model = options.get("model")
     suggested = _model_suggestions(model, command) if spec.model_defaults else {}
-    configs["train"] = build("train", recipe, flags, {**spec.train_defaults, **suggested})
+    configs["train"] = build("train", recipe, flags, {"method": spec.train_defaults, "model": suggested},
+                             sources=sources["train"])
     if suggested:
         log.info("the model suggests %s for %s (its adapt.json); flags and recipes override",
                  ", ".join(f"{k}={v}" for k, v in suggested.items()), command)
@@ -62,7 +65,7 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
     if train_cfg.resume and options.get("output") is None:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     output = _output_dir(options.get("output"), command, options.get("overwrite", False))
-    return Plan(command, spec, configs, data.prompt if template is None else template, model, output)
+    return Plan(command, spec, configs, data.prompt if template is None else template, model, output, sources)
 
 
 def _model_suggestions(model: str | None, command: str) -> dict:
@@ -84,3 +87,4 @@ def run_plan(plan: Plan) -> None:
 
     with run_folder(plan.output):
         run(plan)
+

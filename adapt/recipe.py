@@ -68,13 +68,23 @@ def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def build(section: str, recipe: dict[str, dict[str, Any]] | None, overrides: dict[str, Any],
-          method_defaults: dict[str, Any] | None = None):
-    """Defaults < the method's defaults < recipe < command-line flags (None = 'not given')."""
+          layers: dict[str, dict[str, Any]] | None = None, sources: dict[str, str] | None = None):
+    """The section's config from its layers, later ones winning: the field defaults < `layers` in
+    order (e.g. {"method": the method's defaults, "model": the model's adapt.json}) < the recipe <
+    the command-line flags (None = 'not given'). `sources`, if given, is filled with where each
+    field's value came from: "default", a layer's name, "recipe" or "flag"."""
     cls = SECTIONS[section]
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in (method_defaults or {}).items() if k in names}
-    values.update((recipe or {}).get(section, {}))
-    values.update({k: v for k, v in overrides.items() if k in names and v is not None})
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    origin = dict.fromkeys(names, "default")
+    given = [*(layers or {}).items(), ("recipe", (recipe or {}).get(section, {})),
+             ("flag", {k: v for k, v in overrides.items() if v is not None})]
+    for source, layer in given:
+        for k, v in layer.items():
+            if k in origin:
+                values[k], origin[k] = v, source
+    if sources is not None:
+        sources.update(origin)
     return cls(**values)
 
 
@@ -82,3 +92,19 @@ def to_dict(*configs) -> dict[str, dict[str, Any]]:
     """The recipe that reproduces a run: every section with every value, JSON/TOML-ready."""
     inv = {cls: name for name, cls in SECTIONS.items()}
     return {inv[type(c)]: dataclasses.asdict(c) for c in configs}
+
+
+SOURCE_NAMES = {"default": "default", "method": "method default", "model": "model (adapt.json)", "recipe": "recipe",
+                "flag": "flag"}
+
+
+def describe(configs: dict, sources: dict[str, dict[str, str]], everything: bool = True) -> list[str]:
+    """The resolved settings of `configs` ({section: config}), a line each, with where each value came
+    from (`sources`, as `build` filled it). `everything=False` keeps those not at adapt's defaults."""
+    lines = []
+    for section, config in configs.items():
+        for f in dataclasses.fields(config):
+            source = sources.get(section, {}).get(f.name, "default")
+            if everything or source != "default":
+                lines.append(f"  [{section}] {f.name} = {getattr(config, f.name)!r}  <- {SOURCE_NAMES[source]}")
+    return lines

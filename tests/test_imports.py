@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adapt"
 # Lower levels never import higher ones. Same level: allowed, but no cycles.
 LAYERS = [
     ["__init__", "errors"],
-    ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted"],
+    ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate"],
     ["config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "embeddings", "formats"],
     ["encode", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
@@ -25,7 +25,7 @@ LAYERS = [
     ["report", "classimages", "evaluate", "eval_io", "lora_tools"],
     ["run", "train"],
     ["launch"],
-    ["plan"],
+    ["plan", "dryrun"],
     ["cli", "__main__"],
 ]
 LEVEL = {name: k for k, names in enumerate(LAYERS) for name in names}

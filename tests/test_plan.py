@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,30 @@ def test_precedence_flag_over_recipe_over_model_over_method_default(model_with_d
     assert plan.configs["train"].steps == 9 and plan.configs["train"].lr == 0.01  # recipe over model
     assert make_plan("textual-inversion", opts(tmp_path, recipe=recipe, steps=3, **ti)).configs["train"].steps == 3
     assert make_plan("textual-inversion", opts(tmp_path, init_token="cat")).configs["train"].lr != 0.01
+
+
+def test_each_setting_knows_where_it_came_from(model_with_defaults, tmp_path):
+    """--dry-run and every run print the resolved settings with their source (issue 18 item 2)."""
+    from adapt.recipe import describe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nsteps = 9\n[textual_inversion]\nnum_vectors = 2\n")
+    plan = make_plan("textual-inversion", opts(tmp_path, recipe=recipe, init_token="cat", seed=4, model=model_with_defaults))
+    train, ti = plan.sources["train"], plan.sources["textual_inversion"]
+    assert (train["seed"], train["steps"], train["lr"], train["batch_size"]) == ("flag", "recipe", "model", "default")
+    assert (ti["num_vectors"], ti["init_token"]) == ("recipe", "flag")
+    dreambooth = make_plan("dreambooth", opts(tmp_path, model=tiny_model_of(model_with_defaults)))
+    assert dreambooth.sources["train"]["lr"] == "method"  # the method's own default (5e-6), not the model's
+    lines = describe(plan.configs, plan.sources, everything=False)
+    assert "  [train] steps = 9  <- recipe" in lines and "  [train] lr = 0.01  <- model (adapt.json)" in lines
+    assert "  [train] seed = 4  <- flag" in lines and not any("batch_size" in x for x in lines)
+    assert any("batch_size = 1  <- default" in x for x in describe(plan.configs, plan.sources))
+
+
+def tiny_model_of(folder):
+    """The same weights without adapt.json."""
+    (Path(folder) / "adapt.json").unlink()
+    return folder
 
 
 def test_method_defaults_and_variants(tiny_model, tmp_path):
