@@ -8,7 +8,6 @@ and the recipe have been checked, so `adapt --help` and argument errors answer a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import logging
@@ -22,10 +21,10 @@ import typer.core
 
 from .checks import check_eval_args, check_merge_args, check_sampling, default_output, embedding_specs, lora_specs
 from .config import check_lora_format
-from .recipe import SECTIONS, field_help
 from .errors import AdaptError
 from .logs import quiet_libraries
-from .methods import METHODS, MethodSpec
+from .methods import METHODS
+from .options import training_parameters
 from .plan import make_plan, run_plan
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .signals import interrupt_on_sigterm
@@ -99,32 +98,6 @@ RUN_OPTIONS = {"model": (Model, None), "output": (Output, None), "recipe": (Reci
                "dry_run": (DryRun, False)}
 
 
-def _option(section: str, f: dataclasses.Field, help: str | None):
-    """The --name option of a config field (help from the field; `help` replaces it, {help} in it
-    is the field's). None when not given, so a recipe's value (or the method's default) can stand."""
-    flags = f.metadata.get("flags")
-    base = str(f.type).split("|")[0].strip()
-    help = field_help(section, f.name) if help is None else help.replace("{help}", field_help(section, f.name))
-    if base == "bool":
-        flag = f.name.replace("_", "-")
-        return Annotated[Optional[bool], typer.Option(flags or f"--{flag}/--no-{flag}", help=help, show_default=False)]
-    kind = f.metadata.get("cli") or {"int": int, "float": float, "list[str]": List[str]}.get(base, str)
-    return Annotated[Optional[kind], typer.Option(*([flags] if flags else []), help=help)]
-
-
-def training_parameters(spec: MethodSpec) -> list[inspect.Parameter]:
-    """--images, --token, the run options, then every field of the method's sections (a name once,
-    the first section's: DreamBooth's --train-text-encoder feeds [lora] too, as every flag does)."""
-    options: dict = {}
-    for s in spec.sections:
-        for f in dataclasses.fields(SECTIONS[s]):
-            if not f.metadata.get("recipe_only") and f"{s}.{f.name}" not in spec.hidden and f.name not in options:
-                options[f.name] = (_option(s, f, spec.help.get(f"{s}.{f.name}")), None)
-    first = {k: options.pop(k) for k in ("images", "token")}
-    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-            for name, (annotation, default) in {**first, **RUN_OPTIONS, **options}.items()]
-
-
 def _training_command(name: str, help: str) -> None:
     def command(**options):
         plan = make_plan(name, options)
@@ -136,7 +109,7 @@ def _training_command(name: str, help: str) -> None:
             run_plan(plan)
 
     command.__name__ = name.replace("-", "_")
-    command.__signature__ = inspect.Signature(training_parameters(METHODS[name]))
+    command.__signature__ = inspect.Signature(training_parameters(METHODS[name], RUN_OPTIONS))
     app.command(name=name, help=help)(user_errors(command))
 
 

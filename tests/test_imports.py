@@ -26,7 +26,7 @@ LAYERS = [
     ["run", "train"],
     ["launch"],
     ["plan", "dryrun"],
-    ["cli", "__main__"],
+    ["options", "cli", "__main__"],
 ]
 LEVEL = {name: k for k, names in enumerate(LAYERS) for name in names}
 
@@ -134,7 +134,7 @@ def test_help_does_not_import_torch(command):
 # other module imports what it uses at the top.
 LIGHT = {
     "__init__", "errors", "logs", "signals", "schedulers",  # the CLI's own imports and its callback
-    "cli", "__main__", "checks", "config", "recipe",         # options, --help, argument checks
+    "cli", "__main__", "options", "checks", "config", "recipe",  # options, --help, argument checks
     "methods",                                               # the METHODS table the options come from
     "plan",                                                  # make_plan: every run argument error
     "methods.full", "methods.lora", "methods.textual_inversion",  # plan loads the method class (settle)

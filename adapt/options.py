@@ -1,0 +1,42 @@
+"""The training commands' options, generated from the config fields of the sections their method
+reads (adapt.config via adapt.recipe.SECTIONS, adapt.methods.METHODS), so each option is declared
+once. cli.py gives them to typer. Light: nothing heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Annotated, List, Optional
+
+import typer
+
+from .methods import MethodSpec
+from .recipe import SECTIONS, field_help
+
+
+def _option(section: str, f: dataclasses.Field, help: str | None):
+    """The --name option of a config field (help from the field; `help` replaces it, {help} in it
+    is the field's). None when not given, so a recipe's value (or the method's default) can stand."""
+    flags = f.metadata.get("flags")
+    base = str(f.type).split("|")[0].strip()
+    help = field_help(section, f.name) if help is None else help.replace("{help}", field_help(section, f.name))
+    if base == "bool":
+        flag = f.name.replace("_", "-")
+        return Annotated[Optional[bool], typer.Option(flags or f"--{flag}/--no-{flag}", help=help, show_default=False)]
+    kind = f.metadata.get("cli") or {"int": int, "float": float, "list[str]": List[str]}.get(base, str)
+    return Annotated[Optional[kind], typer.Option(*([flags] if flags else []), help=help)]
+
+
+def training_parameters(spec: MethodSpec, run_options: dict) -> list[inspect.Parameter]:
+    """--images, --token, the run options, then every field of the method's sections (a name once,
+    the first section's: DreamBooth's --train-text-encoder feeds [lora] too, as every flag does).
+    `run_options`: {name: (annotation, default)} of the options every training command has."""
+    options: dict = {}
+    for s in spec.sections:
+        for f in dataclasses.fields(SECTIONS[s]):
+            if not f.metadata.get("recipe_only") and f"{s}.{f.name}" not in spec.hidden and f.name not in options:
+                options[f.name] = (_option(s, f, spec.help.get(f"{s}.{f.name}")), None)
+    first = {k: options.pop(k) for k in ("images", "token")}
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (annotation, default) in {**first, **run_options, **options}.items()]
