@@ -22,7 +22,7 @@ import typer.core
 from .checks import check_eval_args, check_merge_args, check_sampling, default_output, embedding_specs, lora_specs
 from .config import check_lora_format
 from .errors import AdaptError
-from .logs import quiet_libraries
+from .logs import defer_optional_imports, quiet_libraries
 from .methods import METHODS
 from .options import training_parameters
 from .plan import make_plan, run_plan
@@ -83,6 +83,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     rank = int(os.environ.get("RANK", "0") or 0)  # under `accelerate launch`, only process 0 talks
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stderr)
     quiet_libraries()
+    defer_optional_imports()  # bitsandbytes loads only for --optimizer adamw8bit, not at every start
 
 
 Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers folder or a cached hub id. Default: the bundled emoji base model.")]

@@ -1,10 +1,12 @@
-"""adapt's own progress bars and one-line logs only: the libraries' info chatter is hidden."""
+"""adapt's own progress bars and one-line logs only: the libraries' info chatter is hidden. And
+the optional libraries the stack would import at start-up for nothing (`defer_optional_imports`)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import sys
 
 LIBRARIES = ("bitsandbytes", "accelerate", "peft", "diffusers", "transformers", "huggingface_hub")
 
@@ -22,3 +24,22 @@ def quiet_libraries(loaded: bool = False) -> None:
             library_logging = importlib.import_module(f"{name}.utils.logging")
             library_logging.set_verbosity_error()
             library_logging.disable_progress_bar()
+
+
+DEFERRED = ("bitsandbytes",)  # only --optimizer adamw8bit uses it
+
+
+def defer_optional_imports() -> None:
+    """diffusers (and peft, transformers) import bitsandbytes, with its kernels, whenever it is
+    installed: seconds of every start, for quantized loading adapt does not do. The CLI hides it
+    from them before they load (a None in sys.modules reads as "not installed"); `optional_import`
+    brings it back for --optimizer adamw8bit."""
+    for name in DEFERRED:
+        sys.modules.setdefault(name, None)
+
+
+def optional_import(name: str):
+    """Import an optional package, also one `defer_optional_imports` hid (ImportError if absent)."""
+    if name in sys.modules and sys.modules[name] is None:
+        del sys.modules[name]
+    return importlib.import_module(name)

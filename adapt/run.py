@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data import BatchOrder, Example, target_size
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
+from .logs import optional_import
 from .masks import latent_masks
 
 log = logging.getLogger("adapt")
@@ -183,7 +184,7 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
 def make_optimizer(cfg: TrainConfig, params):
     if cfg.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb  # lazy: optional, only for --optimizer adamw8bit
+            bnb = optional_import("bitsandbytes")  # optional, only for --optimizer adamw8bit (the CLI defers it)
 
             return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels

@@ -147,7 +147,6 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensor
 # In-function imports a non-LIGHT module may keep: optional, slow, and needed for one option only.
 ALLOWED_LAZY = {
     ("data", "datasets"): "optional and slow; only --dataset needs it (after HF_DATASETS_OFFLINE is set)",
-    ("run", "bitsandbytes"): "optional; only --optimizer adamw8bit needs it",
     ("run", "tensorboard"): "optional; only --log-with tensorboard needs it",
 }
 CHECKED = (*HEAVY, "datasets", "bitsandbytes", "tensorboard")
@@ -226,3 +225,25 @@ def test_the_lazy_import_finder(tmp_path):
                  "    from safetensors.torch import save_file\n    import adapt.infer, os\n")
     assert lazy_imports(f, "methods.lora") == [(4, "torch"), (5, "formats"), (6, "methods.full"), (7, "safetensors"),
                                                (8, "infer"), (8, "os")]
+
+
+def test_a_training_run_does_not_load_bitsandbytes(tiny_model, concept_dir, tmp_path):
+    """diffusers imports bitsandbytes whenever it is installed (seconds of start-up); the CLI defers
+    it, and --optimizer adamw8bit still gets it."""
+    code = f"""
+import sys
+from typer.testing import CliRunner
+from adapt.cli import app
+r = CliRunner().invoke(app, ["lora", "--images", "{concept_dir}", "--token", "<t>", "--model", "{tiny_model}",
+                             "--steps", "1", "--resolution", "16", "--output", "{tmp_path / 'run'}"])
+assert r.exit_code == 0, r.output
+assert "diffusers" in sys.modules and sys.modules.get("bitsandbytes") is None, "bitsandbytes was imported"
+from adapt.logs import optional_import
+try:
+    optional_import("bitsandbytes")
+except ImportError:
+    pass  # not installed here: nothing to defer either
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
