@@ -10,6 +10,7 @@ A checkpoint folder `checkpoints/step-000100/` holds
     loop.json               step, pending batch order, losses so far, the recipe, the global
                             numpy / python random states, and the "world" it was made in
                             (processes, per-process batch, accumulation, device type)
+    ema.safetensors         with --ema-decay: the moving average of the trainable weights (fp32)
     manifest.json           written last: every other file's size and sha256
 It is written under a temporary name and renamed when complete, so a crash mid-save leaves the
 previous checkpoint usable. A checkpoint whose files no longer match its manifest (truncated by a
@@ -42,6 +43,7 @@ log = logging.getLogger("adapt")
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "loop.json")
+EMA_FILE = "ema.safetensors"  # only in the checkpoints of runs with --ema-decay
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -110,11 +112,14 @@ def write_manifest(folder: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
-                    generators: dict, loop: dict, keep: int) -> Path:
+                    generators: dict, loop: dict, keep: int, ema: dict | None = None) -> Path:
+    """`ema`: the EMA shadows ({name: tensor}, ema.py), when the run keeps them."""
     final = root / f"{PREFIX}{step:06d}"
     with atomic_dir(final) as tmp:
         trainable = {n: p.detach().float().contiguous().cpu() for n, p in named_params.items()}
         safetensors.torch.save_file(trainable, str(tmp / "trainable.safetensors"))
+        if ema is not None:
+            safetensors.torch.save_file({n: t.float().contiguous().cpu() for n, t in ema.items()}, str(tmp / EMA_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         rng = {k: g.get_state() for k, g in generators.items()}
@@ -136,8 +141,9 @@ def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_sch
 
 
 def resume(root: Path, spec: str, named_params: dict, optimizer, lr_scheduler, scaler, generators: dict,
-           world: dict, recipe: dict | None) -> dict:
-    """Find the checkpoint `spec` names under root, check it suits this run, load it; returns loop.json."""
+           world: dict, recipe: dict | None, ema: dict | None = None) -> dict:
+    """Find the checkpoint `spec` names under root, check it suits this run, load it (and the EMA
+    shadows into `ema`, when given); returns loop.json."""
     path = find_checkpoint(root, spec)
     loop = json.loads((path / "loop.json").read_text())
     if recipe is not None and loop.get("recipe") is not None and _without_run_keys(loop["recipe"]) != _without_run_keys(recipe):
@@ -151,7 +157,7 @@ def resume(root: Path, spec: str, named_params: dict, optimizer, lr_scheduler, s
                     "the run matches an uninterrupted one to float precision, not bit for bit", path.name,
                     saved["num_processes"], world["num_processes"], world["batch_size"] * world["num_processes"])
     reseeded = load_checkpoint(path, named_params, optimizer, lr_scheduler, scaler, generators,
-                               scheduler_scale=(saved["num_processes"], world["num_processes"]))
+                               scheduler_scale=(saved["num_processes"], world["num_processes"]), ema=ema)
     if saved["device"] != world["device"] or reseeded:
         log.warning("checkpoint %s was made on %s, this run is on %s: weights, optimizer state and data order continue "
                     "exactly; %s, so losses will not match an uninterrupted run bit for bit", path.name, saved["device"],
@@ -173,16 +179,15 @@ def _check_global_batch(saved: dict, now: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, named_params: dict, optimizer, lr_scheduler, scaler, generators: dict,
-                    scheduler_scale: tuple[int, int] = (1, 1)) -> list[str]:
-    """Restore the state saved in `path`; returns the names of the generators that had to be
-    reseeded (their state was made on another device type)."""
-    weights = safetensors.torch.load_file(str(path / "trainable.safetensors"))
-    if weights.keys() != named_params.keys() or any(weights[n].shape != p.shape for n, p in named_params.items()):
-        raise AdaptError(f"checkpoint {path} holds other trainable weights than this run (another method, rank or model?); "
-                         "resume with the recipe that made it, or start a new --output")
-    with torch.no_grad():
-        for n, p in named_params.items():
-            p.copy_(weights[n].to(p.dtype))
+                    scheduler_scale: tuple[int, int] = (1, 1), ema: dict | None = None) -> list[str]:
+    """Restore the state saved in `path` (`ema`: the run's EMA shadows, filled in place); returns
+    the names of the generators that had to be reseeded (their state was made on another device type)."""
+    _load_tensors(path, "trainable.safetensors", named_params, "other trainable weights than this run (another method, rank or model?)")
+    if ema is not None:
+        if not (path / EMA_FILE).is_file():
+            raise AdaptError(f"checkpoint {path} has no moving average (made without --ema-decay); resume with the "
+                             "settings that made it, or start a new --output")
+        _load_tensors(path, EMA_FILE, ema, "another moving average than this run")
     state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     # accelerate steps the LR schedule once per process per step: N processes leave it at step x N
@@ -212,12 +217,23 @@ def load_checkpoint(path: Path, named_params: dict, optimizer, lr_scheduler, sca
     return reseeded
 
 
+def _load_tensors(path: Path, file: str, into: dict, other: str) -> None:
+    """Copy the tensors of `path/file` into `into` ({name: tensor}), which must have their names and shapes."""
+    saved = safetensors.torch.load_file(str(path / file))
+    if saved.keys() != into.keys() or any(saved[n].shape != t.shape for n, t in into.items()):
+        raise AdaptError(f"checkpoint {path} holds {other}; resume with the recipe that made it, or start a new --output")
+    with torch.no_grad():
+        for n, t in into.items():
+            t.copy_(saved[n].to(t.dtype))
+
+
 def _without_run_keys(recipe: dict) -> dict:
     """The parts of a recipe that must match to resume: all but the run length, checkpointing,
-    logging and validation settings (they do not change what is learned) and the split of the
-    global batch over processes (checked on its own)."""
+    logging and validation settings, where the moving average is kept and what of it is saved (they
+    do not change what is learned) and the split of the global batch over processes (checked on its own)."""
     out = json.loads(json.dumps(recipe))
     for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "skip_nonfinite", "log_with",
-                "validation_prompt", "validation_every", "validation_steps", "num_processes", "batch_size"):
+                "validation_prompt", "validation_every", "validation_steps", "num_processes", "batch_size",
+                "ema_on_cpu", "save_ema"):
         out.get("train", {}).pop(key, None)
     return out

@@ -140,6 +140,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 LOSSES = ("mse", "huber", "smooth-l1")
 HUBER_SCHEDULES = ("constant", "snr", "exponential")
+SAVE_EMA = ("only", "both")
 
 
 @dataclass
@@ -171,6 +172,9 @@ class TrainConfig:
     huber_delta: float = _f(0.1, "huber / smooth-l1: the delta c where the loss turns from quadratic to linear (kohya's huber_c).")
     huber_schedule: str = _f("constant", "huber / smooth-l1: delta over timesteps: constant, snr or exponential (kohya's huber_schedule).")
     noise_offset: float = _f(0.0, "Add this much per-channel offset noise (0.05-0.1) so the model learns very dark/bright images.")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the trained weights with this decay (e.g. 0.999; 0 = off) and save it as the artifact.")
+    ema_on_cpu: bool = _f(False, "Keep the moving average in CPU memory (no extra GPU memory for a full fine-tune; slower steps).")
+    save_ema: str = _f("only", "With --ema-decay: only (the artifact holds the averaged weights) or both (also the trained weights, in OUTPUT/raw).")
     log_with: str | None = _f(None, "Also log to a tracker: tensorboard (logs under OUTPUT/logs).")
     validation_prompt: list[str] = _f((), "Prompt rendered during training with a fixed seed (repeatable).")
     validation_every: int = _f(0, "Render the validation prompts every N steps (0 = only at the end).")
@@ -201,6 +205,12 @@ class TrainConfig:
             raise AdaptError(f"--snr-gamma must be > 0, got {self.snr_gamma}")
         if self.noise_offset < 0:
             raise AdaptError(f"--noise-offset must be >= 0, got {self.noise_offset}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise AdaptError(f"--ema-decay must be in [0, 1) (0 = off; 0.999 is usual), got {self.ema_decay}")
+        _choice("--save-ema value", self.save_ema, SAVE_EMA)
+        if not self.ema_decay and (self.save_ema != "only" or self.ema_on_cpu):
+            raise AdaptError(f"{'--ema-on-cpu' if self.ema_on_cpu else '--save-ema ' + self.save_ema} needs --ema-decay "
+                             "(the moving average it is about)")
         if self.log_with not in (None, "tensorboard"):
             raise AdaptError(f"unknown tracker {self.log_with!r}; choose one of: tensorboard")
         if self.num_processes < 1 or self.validation_every < 0:

@@ -29,6 +29,7 @@ from .models import DEFAULTS_FILE
 log = logging.getLogger("adapt")
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+RAW_DIR = "raw"  # with --ema-decay and --save-ema both: the trained (not averaged) weights' artifact
 
 
 def peft_loras(components) -> dict:
@@ -65,8 +66,10 @@ def save_lora(components, out_dir, recipe: dict, fmt: str = "both") -> list[Path
 
 
 def kohya_file_name(out_dir: Path) -> str:
-    """`<run folder name>.safetensors`: the LoRA's name in ComfyUI's and A1111's lists."""
-    name = f"{Path(out_dir).resolve().name}.safetensors"
+    """`<run folder name>.safetensors`: the LoRA's name in ComfyUI's and A1111's lists (in a run's
+    raw/ folder, `<run folder name>-raw.safetensors`)."""
+    out_dir = Path(out_dir).resolve()
+    name = f"{out_dir.parent.name}-raw.safetensors" if out_dir.name == RAW_DIR else f"{out_dir.name}.safetensors"
     return name if name != LORA_FILE else name.replace(".safetensors", "-kohya.safetensors")
 
 

@@ -18,6 +18,7 @@ from diffusers.optimization import get_scheduler
 from .checkpoint import resume
 from .config import TrainConfig
 from .data import BatchOrder, Example, target_size
+from .ema import make_ema
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
 from .logs import optional_import
@@ -56,6 +57,7 @@ class Run:
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
     step_seconds: list[float] = field(default_factory=list)
+    ema: Any = None  # the moving average of the trainable weights (ema.py), on the main process, with --ema-decay
 
     @property
     def ckpt_root(self) -> Path:
@@ -110,9 +112,10 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     run = Run(cfg, components, method, examples, Path(out_dir), recipe, random_flip, accelerator, params, modules,
               optimizer, lr_scheduler, named_params, order, generators, latents, texts,
               latent_masks([ex.image for ex in examples], sizes, latents.factor, mask_from_alpha))
+    run.ema = make_ema(cfg, named_params) if accelerator.is_main_process else None  # it saves; the others need none
     if cfg.resume:
         loop = resume(run.ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
-                      run.world, recipe)
+                      run.world, recipe, run.ema and run.ema.shadow)
         run.step, run.losses, order.pending = loop["step"], loop["losses"], loop["pending"]
     return run
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .checkpoint import list_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import Example, loss_weights, vary_tags
+from .ema import save_artifact, swapped
 from .errors import AdaptError
 from .masks import batch_mask
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
@@ -237,6 +238,8 @@ def record(run: Run, loss: float, last: float, bar, stop) -> float:
     cfg, acc = run.cfg, run.accelerator
     run.method.after_step(run.components)
     run.step += 1
+    if run.ema:
+        run.ema.update(run.step)
     now = time.perf_counter()
     run.step_seconds.append(now - last)
     run.losses.append(loss)
@@ -261,25 +264,26 @@ def checkpoint(run: Run) -> Path:
     return save_checkpoint(run.ckpt_root, run.step, run.named_params, run.optimizer, run.lr_scheduler,
                            run.accelerator.scaler, run.generators,
                            {"losses": run.losses, "pending": run.order.pending, "recipe": run.recipe, "world": run.world},
-                           run.cfg.keep_checkpoints)
+                           run.cfg.keep_checkpoints, run.ema and run.ema.shadow)
 
 
 def validate(run: Run, tag: str) -> None:
     acc = run.accelerator
     if run.cfg.validation_prompt and acc.is_main_process:
-        render_validation(run.components, run.method, [acc.unwrap_model(m) for m in run.modules], run.cfg,
-                          run.out_dir / "validation" / f"{tag}.png", acc)
+        with swapped(run.ema):  # the images show what is saved
+            render_validation(run.components, run.method, [acc.unwrap_model(m) for m in run.modules], run.cfg,
+                              run.out_dir / "validation" / f"{tag}.png", acc)
 
 
 def finish(run: Run, seconds: float) -> dict:
-    """Final validation; the method saves its artifact; loss curve and report.md."""
+    """Final validation; the method saves its artifact (with --ema-decay, of the averaged weights); loss curve and report.md."""
     acc, c = run.accelerator, run.components
     acc.wait_for_everyone()
     validate(run, "final")
     for n, m in zip(run.method.trainable_modules, run.modules):
         setattr(c, n, acc.unwrap_model(m))
     if acc.is_main_process:
-        run.method.save(c, run.out_dir, run.recipe or {})
+        save_artifact(run.method, c, run.out_dir, run.recipe or {}, run.ema, run.cfg.save_ema == "both")
         plot_losses(run.losses, run.out_dir / "loss.png")
         write_report(run.out_dir, run.recipe or {}, run.losses, seconds, run.skipped)
     acc.end_training()

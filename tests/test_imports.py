@@ -21,7 +21,7 @@ LAYERS = [
     ["config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "embeddings", "formats"],
     ["encode", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
-    ["infer", "checkpoint", "metrics"],
+    ["infer", "checkpoint", "ema", "metrics"],
     ["report", "classimages", "evaluate", "eval_io", "lora_tools"],
     ["run", "train"],
     ["launch"],
