@@ -54,7 +54,8 @@ def estimate_lines(plan: Plan, model, resolution: int, prior: bool) -> list[str]
         est = estimate(model, kind=kind, resolution=resolution, batch=cfg.batch_size, precision=cfg.mixed_precision,
                        optimizer=cfg.optimizer, targets=tuple(lora.target_modules) if lora else (), rank=lora.rank if lora else 4,
                        checkpointing=cfg.gradient_checkpointing, device=device, gpu_name=gpu, prior=prior,
-                       keep_encoders=not cfg.cache_latents or bool(cfg.validation_prompt))
+                       keep_encoders=not cfg.cache_latents or bool(cfg.validation_prompt),
+                       ema=cfg.ema_decay > 0 and not cfg.ema_on_cpu)
     except (OSError, KeyError, ValueError) as e:
         return [f"estimate: not available for this model ({e})"]
     where = f"{device}{f' ({gpu})' if gpu else ''}, {cfg.mixed_precision if cfg.mixed_precision != 'no' else 'fp32'}"

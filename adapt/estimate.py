@@ -132,10 +132,12 @@ def throughput(device: str, precision: str, gpu_name: str = "") -> tuple[float, 
 
 def estimate(model: Path, *, kind: str, resolution: int, batch: int, precision: str = "no", optimizer: str = "adamw",
              targets: tuple[str, ...] = ("to_q", "to_k"), rank: int = 4, checkpointing: bool = False,
-             device: str = "cpu", gpu_name: str = "", prior: bool = False, keep_encoders: bool = False) -> Estimate:
+             device: str = "cpu", gpu_name: str = "", prior: bool = False, keep_encoders: bool = False,
+             ema: bool = False) -> Estimate:
     """Peak memory and time per step of training `model` this way. `kind`: lora | full | embedding;
     `prior`: prior preservation doubles the images per step; `keep_encoders`: the VAE and text
-    encoders stay loaded while training (no cache, validation renders)."""
+    encoders stay loaded while training (no cache, validation renders); `ema`: a moving average of
+    the trainable weights on the device (one more fp32 copy)."""
     model = Path(model)
     unet = component_tensors(model, "unet")
     config = json.loads((model / "unet" / "config.json").read_text())
@@ -151,7 +153,7 @@ def estimate(model: Path, *, kind: str, resolution: int, batch: int, precision: 
     parts = {
         "weights": int(frozen_bytes + 4 * n_train),
         "gradients": int(4 * n_train),
-        "optimizer": int(OPTIMIZER_STATE_BYTES.get(optimizer, 8) * n_train),
+        "optimizer": int((OPTIMIZER_STATE_BYTES.get(optimizer, 8) + (4 if ema else 0)) * n_train),
         "activations": int(act * (CKPT_FRACTION if checkpointing else 1.0)),
         "encoders": sum(_bytes(component_tensors(model, c)) for c in ("vae", "text_encoder", "text_encoder_2")
                         if (model / c).is_dir()),

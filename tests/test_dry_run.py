@@ -60,6 +60,8 @@ def test_estimate_counts_what_the_model_holds(tiny_model):
     full = estimate(tiny_model, kind="full", resolution=64, batch=2, optimizer="adamw")
     assert full.parts["optimizer"] == 2 * full.parts["gradients"] == 2 * 4 * trainable_count(unet_header, "full", [], 4)
     assert estimate(tiny_model, kind="full", resolution=64, batch=2, optimizer="adamw8bit").parts["optimizer"] < full.parts["optimizer"]
+    ema = estimate(tiny_model, kind="full", resolution=64, batch=2, ema=True)  # one more fp32 copy of what trains
+    assert ema.parts["optimizer"] == full.parts["optimizer"] + full.parts["gradients"]
 
 
 @pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3", "Tesla T4"])
