@@ -151,6 +151,10 @@ class TrainConfig:
     lr_scheduler: str = _f("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
     warmup_steps: int = _f(0, "Linear warm-up steps of the learning-rate schedule.")
     optimizer: str = _f("adamw", "adamw (torch) or adamw8bit (bitsandbytes: ~75% less optimizer memory, needs a GPU build).")
+    text_encoder_lr: float | None = _f(None, "Learning rate of the text encoder's trainable weights (--train-text-encoder). Default: --lr.")
+    embedding_lr: float | None = _f(None, "Learning rate of the new token's embedding vectors. Default: --lr.")
+    loraplus_ratio: float = _f(1.0, "LoRA+: LoRA's B matrices learn at this many times the learning rate of the A matrices "
+                               "(16 is the LoRA+ paper's choice; 1 = plain LoRA).")
     weight_decay: float = _f(1e-2, "AdamW weight decay.", recipe_only=True)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
     mixed_precision: str = _f("no", "no | fp16 | bf16. Frozen weights run in this dtype; trainable weights stay fp32.")
@@ -183,6 +187,7 @@ class TrainConfig:
         _choice("lr scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("loss", self.loss, LOSSES)
         _choice("huber schedule", self.huber_schedule, HUBER_SCHEDULES)
+        self._check_group_lrs()
         if self.huber_delta <= 0:
             raise AdaptError(f"--huber-delta must be > 0, got {self.huber_delta}")
         for name in ("steps", "batch_size", "grad_accum"):
@@ -205,6 +210,21 @@ class TrainConfig:
             raise AdaptError(f"unknown tracker {self.log_with!r}; choose one of: tensorboard")
         if self.num_processes < 1 or self.validation_every < 0:
             raise AdaptError("--num-processes must be >= 1 and --validation-every >= 0")
+
+    def _check_group_lrs(self) -> None:
+        for flag, value in (("--text-encoder-lr", self.text_encoder_lr), ("--embedding-lr", self.embedding_lr),
+                            ("--loraplus-ratio", self.loraplus_ratio)):
+            if value is not None and value <= 0:
+                raise AdaptError(f"{flag} must be > 0, got {value}")
+
+    def group_lr(self, group: str) -> float:
+        """The learning rate of a method's parameter group (Method.parameter_groups): "unet", "text_encoder" or
+        "embedding", times --loraplus-ratio for a ".lora_B" group (LoRA's B matrices)."""
+        base, _, part = group.partition(".")
+        lrs = {"unet": self.lr, "text_encoder": self.text_encoder_lr or self.lr, "embedding": self.embedding_lr or self.lr}
+        if base not in lrs or part not in ("", "lora_B"):
+            raise ValueError(f"unknown parameter group {group!r}")
+        return lrs[base] * (self.loraplus_ratio if part == "lora_B" else 1.0)
 
     @property
     def varies_tags(self) -> bool:

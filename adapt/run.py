@@ -83,7 +83,7 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     params = trainable_parameters(components, method, cfg, accelerator.device)
     sizes = {ex.image: target_size(ex, resolution, bucket_step) for ex in examples}
     latents, texts = make_caches(components, method, examples, cfg, sizes, accelerator, random_flip, progress)
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, param_groups(cfg, method.parameter_groups(components), params))
     n_proc = accelerator.num_processes
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
                                  num_training_steps=cfg.steps * n_proc)
@@ -180,13 +180,36 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
     return latents, texts
 
 
-def make_optimizer(cfg: TrainConfig, params):
+def param_groups(cfg: TrainConfig, groups: dict[str, list], params: list) -> list[dict]:
+    """The optimizer's parameter groups: each parameter takes the lr of its method group (TrainConfig.group_lr);
+    parameters with equal lrs share one group, in `params` order, so a run without per-group lrs has the one
+    group it always had (same updates, and its checkpoints resume as before)."""
+    lr_of = {id(p): cfg.group_lr(name) for name, ps in groups.items() for p in ps}
+    if lr_of.keys() != {id(p) for p in params} or sum(map(len, groups.values())) != len(params):
+        raise AdaptError(f"the method's parameter groups ({', '.join(groups)}) do not hold each trainable parameter once")
+    unused = [flag for flag, used in (("--text-encoder-lr", cfg.text_encoder_lr is None or "text_encoder" in groups),
+                                      ("--embedding-lr", cfg.embedding_lr is None or "embedding" in groups),
+                                      ("--loraplus-ratio", cfg.loraplus_ratio == 1 or any(".lora_B" in g for g in groups)))
+              if not used]
+    if unused:
+        log.warning("%s: this run has no such weights to train, so %s no effect", ", ".join(unused),
+                    "it has" if len(unused) == 1 else "they have")
+    by_lr: dict[float, list] = {}
+    for p in params:
+        by_lr.setdefault(lr_of[id(p)], []).append(p)
+    if len({cfg.group_lr(name) for name in groups}) > 1:
+        log.info("learning rates: %s", ", ".join(f"{name} {cfg.group_lr(name):g}" for name in groups))
+    return [{"params": ps, "lr": lr} for lr, ps in by_lr.items()]
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]):
+    """--optimizer over the parameter groups (each with its own lr)."""
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb  # lazy: optional, only for --optimizer adamw8bit
 
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels
             raise AdaptError(f"--optimizer adamw8bit needs a working bitsandbytes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                              "install a build for your GPU or use --optimizer adamw") from None
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
