@@ -4,6 +4,8 @@ checkpoint. train.py steps a `Run`; nothing here runs a training step."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,8 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 
 from .checkpoint import resume
-from .config import TrainConfig
+from .checks import check_installed
+from .config import OPTIMIZER_PACKAGES, TrainConfig
 from .data import BatchOrder, Example, target_size
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
@@ -85,8 +88,9 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     latents, texts = make_caches(components, method, examples, cfg, sizes, accelerator, random_flip, progress)
     optimizer = make_optimizer(cfg, param_groups(cfg, method.parameter_groups(components), params))
     n_proc = accelerator.num_processes
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
-                                 num_training_steps=cfg.steps * n_proc)
+    schedule_free = cfg.optimizer == "schedule-free-adamw"  # its own warm-up, then a constant lr (make_optimizer)
+    lr_scheduler = get_scheduler("constant" if schedule_free else cfg.lr_scheduler, optimizer,
+                                 num_warmup_steps=cfg.warmup_steps * n_proc, num_training_steps=cfg.steps * n_proc)
     modules = [getattr(components, n) for n in method.trainable_modules]
     *modules, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
     for n, m in zip(method.trainable_modules, modules):
@@ -113,6 +117,8 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         loop = resume(run.ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
                       run.world, recipe)
         run.step, run.losses, order.pending = loop["step"], loop["losses"], loop["pending"]
+    if callable(getattr(_inner(optimizer), "train", None)):
+        _inner(optimizer).train()  # schedule-free steps only in train mode (a checkpoint's state is already in it)
     return run
 
 
@@ -203,13 +209,56 @@ def param_groups(cfg: TrainConfig, groups: dict[str, list], params: list) -> lis
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]):
-    """--optimizer over the parameter groups (each with its own lr)."""
-    if cfg.optimizer == "adamw8bit":
+    """--optimizer over the parameter groups (each with its own lr). Prodigy takes its README's settings
+    for diffusion models (bias correction, safeguarded warm-up); schedule-free AdamW does the warm-up."""
+    name, wd = cfg.optimizer, cfg.weight_decay
+    if name in OPTIMIZER_PACKAGES:  # also here: train() can be called without a plan's checks
+        check_installed(OPTIMIZER_PACKAGES[name], f"--optimizer {name}", "adapt[optimizers]")
+    if name == "prodigy":
+        from prodigyopt import Prodigy  # lazy: optional, only for --optimizer prodigy
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+            return Prodigy(groups, lr=cfg.lr, weight_decay=wd, use_bias_correction=True, safeguard_warmup=True)
+    if name == "schedule-free-adamw":
+        from schedulefree import AdamWScheduleFree  # lazy: optional, only for --optimizer schedule-free-adamw
+
+        return AdamWScheduleFree(groups, lr=cfg.lr, weight_decay=wd, warmup_steps=cfg.warmup_steps)
+    if name == "adamw8bit":
         try:
             import bitsandbytes as bnb  # lazy: optional, only for --optimizer adamw8bit
 
-            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=wd)
         except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels
             raise AdaptError(f"--optimizer adamw8bit needs a working bitsandbytes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                              "install a build for your GPU or use --optimizer adamw") from None
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
+
+
+def _inner(optimizer):
+    """The optimizer inside accelerate's wrapper; schedule-free ones (only they) have train() and eval()."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def eval_weights(run: Run, keep: bool = True) -> list | None:
+    """Schedule-free optimizers train at one point (y) and are evaluated at another (x, the average of
+    their iterates): switch the trainable weights to x for validation and saving. Returns copies of
+    the training weights for `train_weights` (with `keep`); None for other optimizers (nothing to do).
+    Checkpoints keep the training weights and the optimizer's state as they are: exact to resume, and
+    no process's weights change because only the main process saves."""
+    sf = _inner(run.optimizer)
+    if not callable(getattr(sf, "eval", None)):
+        return None
+    kept = [p.detach().to("cpu", copy=True) for p in run.params] if keep else None
+    sf.eval()
+    run.method.after_step(run.components)  # textual inversion: the rows it does not train stay the base's
+    return kept
+
+
+def train_weights(run: Run, kept: list | None) -> None:
+    """Back to training after eval_weights: the exact weights from before (a copy; the optimizer's own
+    x -> y would round them, and validation would change the training)."""
+    if kept is not None:
+        _inner(run.optimizer).train()
+        with torch.no_grad():
+            for p, k in zip(run.params, kept):
+                p.copy_(k)

@@ -148,9 +148,11 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensor
 ALLOWED_LAZY = {
     ("data", "datasets"): "optional and slow; only --dataset needs it (after HF_DATASETS_OFFLINE is set)",
     ("run", "bitsandbytes"): "optional; only --optimizer adamw8bit needs it",
+    ("run", "prodigyopt"): "optional; only --optimizer prodigy needs it",
+    ("run", "schedulefree"): "optional; only --optimizer schedule-free-adamw needs it",
     ("run", "tensorboard"): "optional; only --log-with tensorboard needs it",
 }
-CHECKED = (*HEAVY, "datasets", "bitsandbytes", "tensorboard")
+CHECKED = (*HEAVY, "datasets", "bitsandbytes", "tensorboard", "prodigyopt", "schedulefree")
 
 
 def test_light_modules_and_argument_errors_import_nothing_heavy(tmp_path):

@@ -1,12 +1,17 @@
-"""Per-parameter-group learning rates: --text-encoder-lr, --embedding-lr and --loraplus-ratio each
-move their own weights by their own lr through the real loop; the LR schedule keeps the groups'
-ratios.
+"""Optimizers and per-parameter-group learning rates: --text-encoder-lr, --embedding-lr and
+--loraplus-ratio each move their own weights by their own lr through the real loop; the LR schedule
+keeps the groups' ratios; --optimizer prodigy / schedule-free-adamw train, resume exactly and name
+their package when it is missing.
 
 How the step sizes are measured: one AdamW step from a fresh state with weight decay 0 moves every
 element by lr * g / (|g| + eps), i.e. by lr wherever the gradient is not tiny. So the median |change|
 of a group's moved elements is its lr."""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
 
 import pytest
 import torch
@@ -18,8 +23,12 @@ from adapt.methods.full import FullMethod
 from adapt.methods.lora import LoraMethod
 from adapt.methods.textual_inversion import TextualInversionMethod
 from adapt.models import load_components
+from adapt.plan import make_plan
 from adapt.run import param_groups
 from adapt.train import train
+from conftest import run
+
+LORA = "pytorch_lora_weights.safetensors"
 
 
 class NonzeroB(LoraMethod):
@@ -138,8 +147,12 @@ def test_groups_merge_by_lr_in_parameter_order_and_the_schedule_keeps_their_rati
 
 
 @pytest.mark.parametrize("kw,message", [
+    ({"optimizer": "sgd"}, "unknown optimizer 'sgd'; choose one of: adamw, adamw8bit, prodigy, schedule-free-adamw"),
     ({"loraplus_ratio": 0}, "--loraplus-ratio must be > 0"),
     ({"text_encoder_lr": -1e-4}, "--text-encoder-lr must be > 0"),
+    ({"optimizer": "prodigy", "loraplus_ratio": 16}, "prodigy estimates one step size"),
+    ({"optimizer": "prodigy", "embedding_lr": 1e-3}, "drop --text-encoder-lr, --embedding-lr and --loraplus-ratio"),
+    ({"optimizer": "schedule-free-adamw", "lr_scheduler": "cosine"}, "use --lr-scheduler constant instead of cosine"),
 ])
 def test_option_mistakes_are_one_line_errors(kw, message):
     with pytest.raises(AdaptError, match=message):
@@ -152,3 +165,87 @@ def test_group_lr():
     assert cfg.group_lr("text_encoder.lora_B") == pytest.approx(1.6e-3)
     with pytest.raises(ValueError, match="unknown parameter group"):
         cfg.group_lr("vae")
+
+
+def _pretend(monkeypatch, module, installed: bool):
+    """importlib.util.find_spec (what the plan's check asks) says `module` is there or not."""
+    real = importlib.util.find_spec
+    spec = object() if installed else None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == module else real(name, *a))
+
+
+@pytest.mark.parametrize("optimizer,package", [("prodigy", "prodigyopt"), ("schedule-free-adamw", "schedulefree")])
+def test_missing_optimizer_package_is_a_clear_error(optimizer, package, tiny_model, concept_dir, examples, tmp_path,
+                                                    monkeypatch):
+    _pretend(monkeypatch, package, installed=False)
+    code, out = run("lora", "--images", concept_dir, "--token", "<sks>", "--model", tiny_model, "--output",
+                    tmp_path / "run", "--optimizer", optimizer)
+    assert code == 2
+    assert out.strip().splitlines()[-1] == (f"error: --optimizer {optimizer} needs the {package} package, which is not "
+                                            f'installed: pip install {package} (or pip install "adapt[optimizers]")')
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before training
+    with pytest.raises(AdaptError, match=f"pip install {package}"):  # train() without a plan says it too
+        train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(steps=1, optimizer=optimizer),
+              tmp_path / "direct", resolution=16, progress=False)
+
+
+def test_prodigy_takes_lr_1_unless_told(tiny_model, tmp_path, caplog, monkeypatch):
+    _pretend(monkeypatch, "prodigyopt", installed=True)  # the plan checks it is installed; this test needs no more
+    def lr(**kw):
+        opts = {"images": tmp_path, "token": "<t>", "output": tmp_path / "run", "model": tiny_model, **kw}
+        return make_plan("lora", opts).configs["train"].lr
+
+    assert lr() == 1e-4 and lr(optimizer="prodigy") == 1.0 and lr(optimizer="prodigy", lr=0.5) == 0.5
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nlr = 2.0\n")
+    assert lr(optimizer="prodigy", recipe=recipe) == 2.0
+    with caplog.at_level("WARNING", logger="adapt"):
+        assert lr(optimizer="prodigy", lr=1e-4) == 1e-4
+    assert "~10000x smaller" in caplog.text
+
+
+def _spy_modes(monkeypatch, calls):
+    import schedulefree
+
+    for mode in ("train", "eval"):
+        original = getattr(schedulefree.AdamWScheduleFree, mode)
+        monkeypatch.setattr(schedulefree.AdamWScheduleFree, mode,
+                            lambda self, _o=original, _m=mode: (calls.append(_m), _o(self))[1])
+
+
+@pytest.mark.parametrize("optimizer,package,lr", [("prodigy", "prodigyopt", 1.0), ("schedule-free-adamw", "schedulefree", 1e-2)])
+def test_optimizer_trains_and_resumes_exactly(optimizer, package, lr, tiny_model, examples, tmp_path, monkeypatch):
+    """Losses finite, adapters moved; an interrupted run resumed from its step-3 checkpoint equals the
+    uninterrupted one (losses and final weights; the optimizers' own state - Prodigy's d, schedule-free's
+    z and average weights - is in the checkpoint). The uninterrupted run also validates at steps 2 and
+    4: schedule-free switches to its average weights for that and back exactly, so it changes nothing.
+    Schedule-free: the file saved is made from the average (eval) weights."""
+    from safetensors.torch import load_file
+
+    pytest.importorskip(package)
+    calls: list[str] = []
+    if optimizer == "schedule-free-adamw":
+        _spy_modes(monkeypatch, calls)
+    cfg = dict(steps=6, lr=lr, batch_size=2, checkpoint_every=3, optimizer=optimizer, warmup_steps=2)
+
+    class Spy(LoraMethod):
+        def save(self, *a, **k):
+            calls.append("save")
+            super().save(*a, **k)
+
+    full = train(load_components(tiny_model), Spy(LoraConfig()), examples,
+                 TrainConfig(**cfg, validation_prompt=["a photo of <sks>"], validation_every=2, validation_steps=2),
+                 tmp_path / "a", resolution=16, progress=False)
+    assert all(map(torch.isfinite, torch.tensor(full["losses"])))
+    a = load_file(str(tmp_path / "a" / LORA))
+    assert all(v.abs().sum() > 0 for k, v in a.items() if ".lora.up." in k)  # B (up) starts at zero: it moved
+    if optimizer == "schedule-free-adamw":  # train; validation at 2 and 4: eval, back to train; final: eval, save
+        assert calls == ["train", "eval", "train", "eval", "train", "eval", "save"]
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", tmp_path / "b" / "checkpoints" / "step-000003")
+    resumed = train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg, resume="latest"),
+                    tmp_path / "b", resolution=16, progress=False)
+    assert resumed["losses"] == full["losses"]
+    b = load_file(str(tmp_path / "b" / LORA))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [lr] * 6  # schedule-free warms up inside the optimizer
