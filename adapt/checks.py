@@ -1,8 +1,10 @@
 """Argument checks of the commands, run before anything heavy loads (torch-free): sampling
-options, --lora/--embedding specs, eval's and merge's argument combinations, the default run folder."""
+options, --lora/--embedding specs, eval's and merge's argument combinations, the default run
+folder, optional packages an option needs."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -13,6 +15,14 @@ from .schedulers import check_scheduler
 def default_output(kind: str) -> Path:
     """The one default run folder name: outputs/<kind>-<timestamp> (kind: a method or a command)."""
     return Path("outputs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_installed(module: str, option: str, extra: str | None = None) -> None:
+    """`option` needs the optional package `module`: when it is not installed (looked up, not imported),
+    a one-line error with the pip command (and the adapt extra that holds it)."""
+    if importlib.util.find_spec(module) is None:
+        also = f' (or pip install "{extra}")' if extra else ""
+        raise AdaptError(f"{option} needs the {module} package, which is not installed: pip install {module}{also}")
 
 
 def check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:

@@ -14,10 +14,12 @@ torch is imported.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import check_installed
 from .errors import AdaptError
 from .schedulers import DEFAULT_SCHEDULER, check_scheduler
 
@@ -30,6 +32,8 @@ def _f(default, help: str, *, cli: Any = None, flags: str | None = None, recipe_
     meta = {"help": help, "cli": cli, "flags": flags, "recipe_only": recipe_only}
     return field(default=default, metadata=meta)
 
+
+log = logging.getLogger("adapt")
 
 DEFAULT_PROMPT = "a photo of {token}"  # with --class-word: "a photo of {token} {class_word}"
 
@@ -135,7 +139,8 @@ class TextualInversionConfig:
             raise AdaptError(f"--num-vectors must be >= 1, got {self.num_vectors}")
 
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "schedule-free-adamw")
+OPTIMIZER_PACKAGES = {"prodigy": "prodigyopt", "schedule-free-adamw": "schedulefree"}  # optional: pip install "adapt[optimizers]"
 PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 LOSSES = ("mse", "huber", "smooth-l1")
@@ -151,8 +156,15 @@ class TrainConfig:
     lr: float = _f(1e-4, "Learning rate.")
     lr_scheduler: str = _f("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
     warmup_steps: int = _f(0, "Linear warm-up steps of the learning-rate schedule.")
-    optimizer: str = _f("adamw", "adamw (torch) or adamw8bit (bitsandbytes: ~75% less optimizer memory, needs a GPU build).")
-    weight_decay: float = _f(1e-2, "AdamW weight decay.", recipe_only=True)
+    optimizer: str = _f("adamw", "adamw (torch); adamw8bit (bitsandbytes: ~75% less optimizer memory, needs a GPU build); "
+                        "prodigy (prodigyopt: estimates its own step size, --lr multiplies it and defaults to 1); "
+                        "schedule-free-adamw (schedulefree: no LR schedule, --warmup-steps is its own warm-up; "
+                        "validates and saves its averaged weights).")
+    text_encoder_lr: float | None = _f(None, "Learning rate of the text encoder's trainable weights (--train-text-encoder). Default: --lr.")
+    embedding_lr: float | None = _f(None, "Learning rate of the new token's embedding vectors. Default: --lr.")
+    loraplus_ratio: float = _f(1.0, "LoRA+: LoRA's B matrices learn at this many times the learning rate of the A matrices "
+                               "(16 is the LoRA+ paper's choice; 1 = plain LoRA).")
+    weight_decay: float = _f(1e-2, "Weight decay (decoupled, as AdamW's, with every --optimizer).", recipe_only=True)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
     mixed_precision: str = _f("no", "no | fp16 | bf16. Frozen weights run in this dtype; trainable weights stay fp32.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
@@ -187,6 +199,7 @@ class TrainConfig:
         _choice("lr scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("loss", self.loss, LOSSES)
         _choice("huber schedule", self.huber_schedule, HUBER_SCHEDULES)
+        self._check_group_lrs()
         if self.huber_delta <= 0:
             raise AdaptError(f"--huber-delta must be > 0, got {self.huber_delta}")
         for name in ("steps", "batch_size", "grad_accum"):
@@ -215,6 +228,36 @@ class TrainConfig:
             raise AdaptError(f"unknown tracker {self.log_with!r}; choose one of: tensorboard")
         if self.num_processes < 1 or self.validation_every < 0:
             raise AdaptError("--num-processes must be >= 1 and --validation-every >= 0")
+
+    def _check_group_lrs(self) -> None:
+        for flag, value in (("--text-encoder-lr", self.text_encoder_lr), ("--embedding-lr", self.embedding_lr),
+                            ("--loraplus-ratio", self.loraplus_ratio)):
+            if value is not None and value <= 0:
+                raise AdaptError(f"{flag} must be > 0, got {value}")
+        if self.optimizer == "prodigy" and (self.text_encoder_lr, self.embedding_lr, self.loraplus_ratio) != (None, None, 1):
+            raise AdaptError("--optimizer prodigy estimates one step size for all weights (prodigyopt refuses groups with "
+                             "other learning rates); drop --text-encoder-lr, --embedding-lr and --loraplus-ratio")
+        if self.optimizer == "schedule-free-adamw" and self.lr_scheduler not in ("constant", "constant_with_warmup"):
+            raise AdaptError(f"--optimizer schedule-free-adamw replaces the LR schedule; use --lr-scheduler constant "
+                             f"instead of {self.lr_scheduler} (--warmup-steps still warms it up)")
+
+    def group_lr(self, group: str) -> float:
+        """The learning rate of a method's parameter group (Method.parameter_groups): "unet", "text_encoder" or
+        "embedding", times --loraplus-ratio for a ".lora_B" group (LoRA's B matrices)."""
+        base, _, part = group.partition(".")
+        lrs = {"unet": self.lr, "text_encoder": self.text_encoder_lr or self.lr, "embedding": self.embedding_lr or self.lr}
+        if base not in lrs or part not in ("", "lora_B"):
+            raise ValueError(f"unknown parameter group {group!r}")
+        return lrs[base] * (self.loraplus_ratio if part == "lora_B" else 1.0)
+
+    def check(self) -> None:
+        """Before a run: the optimizer's optional package is installed (looked up, not imported); Prodigy's --lr
+        is a multiplier of the step size it estimates, so an AdamW-sized --lr would all but stop it."""
+        if self.optimizer in OPTIMIZER_PACKAGES:
+            check_installed(OPTIMIZER_PACKAGES[self.optimizer], f"--optimizer {self.optimizer}", "adapt[optimizers]")
+        if self.optimizer == "prodigy" and self.lr < 0.1:
+            log.warning("--optimizer prodigy with --lr %g: Prodigy's step size is its own estimate times --lr, so this "
+                        "makes its steps ~%dx smaller; --lr 1 (its default) is what it is made for", self.lr, round(1 / self.lr))
 
     @property
     def varies_tags(self) -> bool:

@@ -9,6 +9,7 @@ class images, the loop), imported there and then.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,11 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
     spec = spec.resolve(configs)
     model = options.get("model")
     suggested = _model_suggestions(model, command) if spec.model_defaults else {}
-    configs["train"] = build("train", recipe, flags, {"method": spec.train_defaults, "model": suggested},
-                             sources=sources["train"])
+    train = build("train", recipe, flags, {"method": spec.train_defaults, "model": suggested}, sources=sources["train"])
     if suggested:
         log.info("the model suggests %s for %s (its adapt.json); flags and recipes override",
                  ", ".join(f"{k}={v}" for k, v in suggested.items()), command)
+    configs["train"] = _optimizer_lr(train, recipe, flags, sources["train"])
     prompt_given = flags.get("prompt") is not None or "prompt" in (recipe or {}).get("data", {})
     template = spec.load().settle(configs, prompt_given)
     data, train_cfg = configs["data"], configs["train"]
@@ -66,6 +67,17 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     output = _output_dir(options.get("output"), command, options.get("overwrite", False))
     return Plan(command, spec, configs, data.prompt if template is None else template, model, output, sources)
+
+
+def _optimizer_lr(train, recipe: dict | None, flags: dict, sources: dict[str, str]):
+    """Prodigy's --lr multiplies the step size it estimates (1 is what it is made for): the methods' and
+    models' AdamW learning rates do not apply to it, so it takes 1 unless a flag or the recipe set --lr."""
+    if train.optimizer != "prodigy" or flags.get("lr") is not None or "lr" in (recipe or {}).get("train", {}):
+        return train
+    log.info("--optimizer prodigy: --lr 1 (a multiplier of the step size Prodigy estimates; the method's and "
+             "model's AdamW learning rates do not apply)")
+    sources["lr"] = "prodigy"
+    return dataclasses.replace(train, lr=1.0)
 
 
 def _model_suggestions(model: str | None, command: str) -> dict:

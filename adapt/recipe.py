@@ -95,7 +95,7 @@ def to_dict(*configs) -> dict[str, dict[str, Any]]:
 
 
 SOURCE_NAMES = {"default": "default", "method": "method default", "model": "model (adapt.json)", "recipe": "recipe",
-                "flag": "flag"}
+                "flag": "flag", "prodigy": "--optimizer prodigy (1: a multiplier of its own step size)"}
 
 
 def describe(configs: dict, sources: dict[str, dict[str, str]], everything: bool = True) -> list[str]:

@@ -4,6 +4,8 @@ checkpoint. train.py steps a `Run`; nothing here runs a training step."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,8 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 
 from .checkpoint import resume
-from .config import TrainConfig
+from .checks import check_installed
+from .config import OPTIMIZER_PACKAGES, TrainConfig
 from .data import BatchOrder, Example, target_size
 from .ema import make_ema
 from .encode import LatentCache, TextCache, release, size_conditions
@@ -86,10 +89,11 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     params = trainable_parameters(components, method, cfg, accelerator.device)
     sizes = {ex.image: target_size(ex, resolution, bucket_step) for ex in examples}
     latents, texts = make_caches(components, method, examples, cfg, sizes, accelerator, random_flip, progress)
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, param_groups(cfg, method.parameter_groups(components), params))
     n_proc = accelerator.num_processes
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
-                                 num_training_steps=cfg.steps * n_proc)
+    schedule_free = cfg.optimizer == "schedule-free-adamw"  # its own warm-up, then a constant lr (make_optimizer)
+    lr_scheduler = get_scheduler("constant" if schedule_free else cfg.lr_scheduler, optimizer,
+                                 num_warmup_steps=cfg.warmup_steps * n_proc, num_training_steps=cfg.steps * n_proc)
     modules = [getattr(components, n) for n in method.trainable_modules]
     *modules, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
     for n, m in zip(method.trainable_modules, modules):
@@ -117,6 +121,8 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         loop = resume(run.ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
                       run.world, recipe, run.ema and run.ema.shadow)
         run.step, run.losses, order.pending = loop["step"], loop["losses"], loop["pending"]
+    if callable(getattr(_inner(optimizer), "train", None)):
+        _inner(optimizer).train()  # schedule-free steps only in train mode (a checkpoint's state is already in it)
     return run
 
 
@@ -184,13 +190,79 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
     return latents, texts
 
 
-def make_optimizer(cfg: TrainConfig, params):
-    if cfg.optimizer == "adamw8bit":
+def param_groups(cfg: TrainConfig, groups: dict[str, list], params: list) -> list[dict]:
+    """The optimizer's parameter groups: each parameter takes the lr of its method group (TrainConfig.group_lr);
+    parameters with equal lrs share one group, in `params` order, so a run without per-group lrs has the one
+    group it always had (same updates, and its checkpoints resume as before)."""
+    lr_of = {id(p): cfg.group_lr(name) for name, ps in groups.items() for p in ps}
+    if lr_of.keys() != {id(p) for p in params} or sum(map(len, groups.values())) != len(params):
+        raise AdaptError(f"the method's parameter groups ({', '.join(groups)}) do not hold each trainable parameter once")
+    unused = [flag for flag, used in (("--text-encoder-lr", cfg.text_encoder_lr is None or "text_encoder" in groups),
+                                      ("--embedding-lr", cfg.embedding_lr is None or "embedding" in groups),
+                                      ("--loraplus-ratio", cfg.loraplus_ratio == 1 or any(".lora_B" in g for g in groups)))
+              if not used]
+    if unused:
+        log.warning("%s: this run has no such weights to train, so %s no effect", ", ".join(unused),
+                    "it has" if len(unused) == 1 else "they have")
+    by_lr: dict[float, list] = {}
+    for p in params:
+        by_lr.setdefault(lr_of[id(p)], []).append(p)
+    if len({cfg.group_lr(name) for name in groups}) > 1:
+        log.info("learning rates: %s", ", ".join(f"{name} {cfg.group_lr(name):g}" for name in groups))
+    return [{"params": ps, "lr": lr} for lr, ps in by_lr.items()]
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]):
+    """--optimizer over the parameter groups (each with its own lr). Prodigy takes its README's settings
+    for diffusion models (bias correction, safeguarded warm-up); schedule-free AdamW does the warm-up."""
+    name, wd = cfg.optimizer, cfg.weight_decay
+    if name in OPTIMIZER_PACKAGES:  # also here: train() can be called without a plan's checks
+        check_installed(OPTIMIZER_PACKAGES[name], f"--optimizer {name}", "adapt[optimizers]")
+    if name == "prodigy":
+        from prodigyopt import Prodigy  # lazy: optional, only for --optimizer prodigy
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+            return Prodigy(groups, lr=cfg.lr, weight_decay=wd, use_bias_correction=True, safeguard_warmup=True)
+    if name == "schedule-free-adamw":
+        from schedulefree import AdamWScheduleFree  # lazy: optional, only for --optimizer schedule-free-adamw
+
+        return AdamWScheduleFree(groups, lr=cfg.lr, weight_decay=wd, warmup_steps=cfg.warmup_steps)
+    if name == "adamw8bit":
         try:
             bnb = optional_import("bitsandbytes")  # optional, only for --optimizer adamw8bit (the CLI defers it)
 
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=wd)
         except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels
             raise AdaptError(f"--optimizer adamw8bit needs a working bitsandbytes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                              "install a build for your GPU or use --optimizer adamw") from None
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
+
+
+def _inner(optimizer):
+    """The optimizer inside accelerate's wrapper; schedule-free ones (only they) have train() and eval()."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def eval_weights(run: Run, keep: bool = True) -> list | None:
+    """Schedule-free optimizers train at one point (y) and are evaluated at another (x, the average of
+    their iterates): switch the trainable weights to x for validation and saving. Returns copies of
+    the training weights for `train_weights` (with `keep`); None for other optimizers (nothing to do).
+    Checkpoints keep the training weights and the optimizer's state as they are: exact to resume, and
+    no process's weights change because only the main process saves."""
+    sf = _inner(run.optimizer)
+    if not callable(getattr(sf, "eval", None)):
+        return None
+    kept = [p.detach().to("cpu", copy=True) for p in run.params] if keep else None
+    sf.eval()
+    run.method.after_step(run.components)  # textual inversion: the rows it does not train stay the base's
+    return kept
+
+
+def train_weights(run: Run, kept: list | None) -> None:
+    """Back to training after eval_weights: the exact weights from before (a copy; the optimizer's own
+    x -> y would round them, and validation would change the training)."""
+    if kept is not None:
+        _inner(run.optimizer).train()
+        with torch.no_grad():
+            for p, k in zip(run.params, kept):
+                p.copy_(k)

@@ -38,7 +38,7 @@ from .ema import save_artifact, swapped
 from .errors import AdaptError
 from .masks import batch_mask
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
-from .run import Run, setup
+from .run import Run, eval_weights, setup, train_weights
 from .signals import graceful_stop
 
 
@@ -267,19 +267,27 @@ def checkpoint(run: Run) -> Path:
                            run.cfg.keep_checkpoints, run.ema and run.ema.shadow)
 
 
-def validate(run: Run, tag: str) -> None:
+def validate(run: Run, tag: str, final: bool = False) -> None:
+    """Render the validation prompts (main process) with the weights that are saved: a schedule-free
+    optimizer's averaged ones (every process switches; mid-run, back to the exact training weights)."""
     acc = run.accelerator
-    if run.cfg.validation_prompt and acc.is_main_process:
-        with swapped(run.ema):  # the images show what is saved
+    if not run.cfg.validation_prompt:
+        return
+    kept = None if final else eval_weights(run)
+    if acc.is_main_process:
+        with swapped(run.ema):  # with --ema-decay, the images show the average that is saved
             render_validation(run.components, run.method, [acc.unwrap_model(m) for m in run.modules], run.cfg,
                               run.out_dir / "validation" / f"{tag}.png", acc)
+    train_weights(run, kept)
 
 
 def finish(run: Run, seconds: float) -> dict:
-    """Final validation; the method saves its artifact (with --ema-decay, of the averaged weights); loss curve and report.md."""
+    """Final validation; the method saves its artifact (with --ema-decay, of the averaged weights); loss
+    curve and report.md. With a schedule-free optimizer both use its averaged weights, which the components keep."""
     acc, c = run.accelerator, run.components
     acc.wait_for_everyone()
-    validate(run, "final")
+    eval_weights(run, keep=False)
+    validate(run, "final", final=True)
     for n, m in zip(run.method.trainable_modules, run.modules):
         setattr(c, n, acc.unwrap_model(m))
     if acc.is_main_process:

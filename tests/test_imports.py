@@ -147,9 +147,11 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensor
 # In-function imports a non-LIGHT module may keep: optional, slow, and needed for one option only.
 ALLOWED_LAZY = {
     ("data", "datasets"): "optional and slow; only --dataset needs it (after HF_DATASETS_OFFLINE is set)",
+    ("run", "prodigyopt"): "optional; only --optimizer prodigy needs it",
+    ("run", "schedulefree"): "optional; only --optimizer schedule-free-adamw needs it",
     ("run", "tensorboard"): "optional; only --log-with tensorboard needs it",
 }
-CHECKED = (*HEAVY, "datasets", "bitsandbytes", "tensorboard")
+CHECKED = (*HEAVY, "datasets", "bitsandbytes", "tensorboard", "prodigyopt", "schedulefree")
 
 
 def test_light_modules_and_argument_errors_import_nothing_heavy(tmp_path):

@@ -5,6 +5,8 @@ A method has
                        these; the text encoder is cached and freed only when it is not listed),
     prepare(components): add adapters / new tokens before training (default: nothing),
     trainable_parameters(components) -> list of parameters the optimizer updates,
+    parameter_groups(components) -> {group: parameters}: which learning rate each of them takes
+                       ("unet", "text_encoder", "embedding", "<group>.lora_B"; TrainConfig.group_lr),
     after_step(components): runs after every optimizer step (default: nothing),
     prompt(text): the prompt as the tokenizer should see it (default: unchanged),
     tokenize(components, prompt): prompt -> input_ids (CLIP padding to 77 tokens),
@@ -89,17 +91,19 @@ Example:
 
 _LORA = "adapt.methods.lora:LoraMethod"
 _WITH_LORA = "{help} (with --lora)"
+_NO_EMBEDDING = ("train.embedding_lr",)  # no method but textual inversion trains an embedding (yet)
 METHODS: dict[str, MethodSpec] = {
-    "lora": MethodSpec(_LORA, ("data", "lora", "train"), description=DESCRIPTIONS["lora"]),
+    "lora": MethodSpec(_LORA, ("data", "lora", "train"), hidden=_NO_EMBEDDING, description=DESCRIPTIONS["lora"]),
     "dreambooth": MethodSpec(
         "adapt.methods.full:FullMethod", ("data", "dreambooth", "lora", "train"), {"lr": 5e-6},
         variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_defaults=False)),
-        help={"lora.rank": _WITH_LORA, "lora.alpha": _WITH_LORA, "lora.targets": _WITH_LORA,
+        hidden=_NO_EMBEDDING,
+        help={"lora.rank": _WITH_LORA, "lora.alpha": _WITH_LORA, "lora.targets": _WITH_LORA, "train.loraplus_ratio": _WITH_LORA,
               "train.lr": "Peak learning rate. [default: 5e-06 (full UNet), 0.0001 with --lora]"},
         description=DESCRIPTIONS["dreambooth"]),
     "textual-inversion": MethodSpec(
         "adapt.methods.textual_inversion:TextualInversionMethod", ("textual_inversion", "data", "train"), {"lr": 5e-3},
-        hidden=("data.class_word", "train.cache_text"),
+        hidden=("data.class_word", "train.cache_text", "train.text_encoder_lr", "train.loraplus_ratio"),
         help={"data.prompt": "One prompt template instead of the --property templates; {token} is filled in.",
               "train.lr": "Peak learning rate. [default: 0.005]"},
         description=DESCRIPTIONS["textual-inversion"]),
@@ -125,6 +129,21 @@ class Method:
 
     def trainable_parameters(self, components) -> list:
         raise NotImplementedError
+
+    def parameter_groups(self, components) -> dict[str, list]:
+        """The trainable parameters by learning-rate group, each in exactly one: by default the module's
+        (`group_of`): "unet", or "text_encoder" for every text encoder (SDXL has two)."""
+        trainable = {id(p) for p in self.trainable_parameters(components)}
+        groups: dict[str, list] = {}
+        for module in self.trainable_modules:
+            for name, p in getattr(components, module).named_parameters():
+                if id(p) in trainable:
+                    groups.setdefault(self.group_of(module, name), []).append(p)
+        return groups
+
+    def group_of(self, module: str, name: str) -> str:
+        """The group of the trainable parameter `name` of the Components field `module`."""
+        return "unet" if module == "unet" else "text_encoder"
 
     def after_step(self, components) -> None:
         pass

@@ -48,6 +48,10 @@ class LoraMethod(Method):
     def trainable_parameters(self, components) -> list:
         return [p for n in self.trainable_modules for p in getattr(components, n).parameters() if p.requires_grad]
 
+    def group_of(self, module: str, name: str) -> str:
+        """LoRA+: the B matrices are a group of their own (they take --loraplus-ratio times the lr)."""
+        return super().group_of(module, name) + (".lora_B" if ".lora_B." in name else "")
+
     def save(self, components, out_dir, recipe: dict) -> None:
         # lazy: LIGHT module (plan loads the method class to settle its configs)
         from ..formats import save_lora

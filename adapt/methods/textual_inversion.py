@@ -106,6 +106,9 @@ class TextualInversionMethod(Method):
     def trainable_parameters(self, components) -> list:
         return [self._weight(components, n) for n in self.trainable_modules]
 
+    def parameter_groups(self, components) -> dict[str, list]:
+        return {"embedding": self.trainable_parameters(components)}
+
     def after_step(self, components) -> None:
         import torch  # lazy: LIGHT module (plan loads the method class to settle its configs)
 
