@@ -95,7 +95,7 @@ class LatentCache:
             for f in flips:
                 key = disk and disk.key(image=name, size=list(self.sizes[image]), flip=f, vae=vae)
                 entry = disk and disk.load(key, ("params",))
-                if entry and entry["params"].shape == (2 * self.channels, *self.shape(image)[1:]):
+                if entry:
                     self.cache[(image, f)] = entry["params"]
                     continue
                 self.cache[(image, f)] = self.encode([Example(image, "")], [f], [data])[0]
