@@ -170,6 +170,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
     cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
     cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")
+    disk_cache: bool = _f(True, "Keep cached latents and text embeddings on disk, keyed by a hash of everything they depend on, so a later run on the same data skips encoding.")
+    cache_dir: str | None = _f(None, "Folder of the disk cache. Default: $ADAPT_CACHE_DIR, else $XDG_CACHE_HOME/adapt, else ~/.cache/adapt.", cli=Path)
     caption_dropout: float = _f(0.0, "Probability of training a sample with an empty prompt (enables classifier-free guidance).")
     shuffle_tags: bool = _f(False, "Shuffle each caption's comma-separated tags every step (the text cache is then off).")
     keep_tokens: int = _f(0, "With --shuffle-tags / --tag-dropout: the first N tags of a caption stay in place and are never dropped.")

@@ -8,6 +8,7 @@ weights into per-sample loss weights so that the loop's `sum(weight * per_sample
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -138,12 +139,13 @@ def crop_geometry(example: Example, size: tuple[int, int]) -> tuple[tuple[int, i
     return (h, w), ((rh - height) // 2, (rw - width) // 2)
 
 
-def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = False):
+def load_pixels(example: Example, size: int | tuple[int, int], flip: bool = False, data: bytes | None = None):
     """Image -> float tensor [3, H, W] in [-1, 1]: scaled (bicubic; upscaled if smaller) to cover
-    size = (W, H) (or a square side), center crop, optional horizontal flip."""
+    size = (W, H) (or a square side), center crop, optional horizontal flip. `data`: the image
+    file's bytes, already read (the latent disk cache decodes exactly the bytes it hashed)."""
     width, height = (size, size) if isinstance(size, int) else size
     try:
-        img = load_rgb(example.image)
+        img = load_rgb(example.image if data is None else io.BytesIO(data))
     except (OSError, ValueError, SyntaxError) as e:
         raise AdaptError(f"cannot read image {example.image}: {e}; fix or remove it") from None
     arr = np.asarray(fit(img, (width, height), flip), dtype=np.float32) / 127.5 - 1.0

@@ -1,6 +1,7 @@
 """What the UNet is conditioned on, made in one place: prompts -> input ids (`tokenize`) -> text
 conditioning (`encode_prompts`), SDXL's size conditioning, and the two training caches: the VAE
-encoder output per (image, flip) and the frozen text encoder output per distinct prompt.
+encoder output per (image, flip) and the frozen text encoder output per distinct prompt, each
+also kept on disk between runs (diskcache.py) under a key of everything its entry depends on.
 
 Loaded only for training and tests (imports torch); the CLI checks its arguments without it.
 """
@@ -8,12 +9,15 @@ Loaded only for training and tests (imports torch); the CLI checks its arguments
 from __future__ import annotations
 
 import gc
+import hashlib
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import Example, crop_geometry, load_pixels
+from .diskcache import DiskCache, fingerprint
+from .errors import AdaptError
 
 
 def tokenize(components, prompt: str):
@@ -75,14 +79,30 @@ class LatentCache:
         return self.channels, h // self.factor, w // self.factor
 
     @torch.no_grad()
-    def encode(self, batch: list[Example], flipped: list[bool]):
-        pixels = torch.stack([load_pixels(ex, self.sizes[ex.image], f) for ex, f in zip(batch, flipped)]).to(self.device)
-        return self.components.vae.encode(pixels).latent_dist.parameters
+    def encode(self, batch: list[Example], flipped: list[bool], data: list[bytes | None] | None = None):
+        data = data or [None] * len(batch)
+        pixels = torch.stack([load_pixels(ex, self.sizes[ex.image], f, d) for ex, f, d in zip(batch, flipped, data)])
+        return self.components.vae.encode(pixels.to(self.device)).latent_dist.parameters
 
-    def fill(self, images: list[Path], flips: tuple[bool, ...], show: bool) -> None:
+    def fill(self, images: list[Path], flips: tuple[bool, ...], show: bool, disk: DiskCache | None = None) -> None:
+        """Encode every (image, flip) once, or read it from `disk`. A disk entry's key is the sha256
+        of the image file's bytes (encoded from those very bytes), its training size (which fixes
+        the crop), the flip, and the VAE's fingerprint (architecture and weights)."""
+        vae = fingerprint(self.components.vae) if disk else None
         for image in tqdm(images, desc="caching latents", disable=not show, leave=False):
+            data = _read(image) if disk else None
+            name = hashlib.sha256(data).hexdigest() if disk else None
             for f in flips:
-                self.cache[(image, f)] = self.encode([Example(image, "")], [f])[0]
+                key = disk and disk.key(image=name, size=list(self.sizes[image]), flip=f, vae=vae)
+                entry = disk and disk.load(key, ("params",))
+                if entry:
+                    self.cache[(image, f)] = entry["params"]
+                    continue
+                self.cache[(image, f)] = self.encode([Example(image, "")], [f], [data])[0]
+                if disk:
+                    disk.save(key, {"params": self.cache[(image, f)]})
+        if disk:
+            disk.report()
 
     def params(self, batch: list[Example], flipped: list[bool]):
         """The distribution parameters of a batch, stacked (from the cache when it is filled)."""
@@ -101,10 +121,24 @@ class TextCache:
         self.input_ids = {p: method.tokenize(components, p) for p in prompts}
         self.cache: dict[str, dict] = {}
 
-    def fill(self, accelerator) -> None:
+    def fill(self, accelerator, disk: DiskCache | None = None) -> None:
+        """Encode every prompt once, or read it from `disk`. A disk entry's key is the prompt's
+        input ids (so the tokenizer and any added tokens are in it), the text encoders'
+        fingerprints, which outputs (SDXL's pooled one too) and the mixed precision it ran under."""
+        names = ("encoder_hidden_states", "text_embeds") if self.components.is_sdxl else ("encoder_hidden_states",)
+        encoders = [fingerprint(getattr(self.components, n)) for n in self.components.text_encoder_names] if disk else None
         with torch.no_grad(), accelerator.autocast():
             for p, ids in self.input_ids.items():
-                self.cache[p] = {k: v[0] for k, v in encode_prompts(self.components, ids.to(self.device)).items()}
+                key = disk and disk.key(ids=ids.tolist(), encoders=encoders, outputs=names,
+                                        precision=accelerator.mixed_precision)
+                entry = disk and disk.load(key, names)
+                if not entry:
+                    entry = {k: v[0] for k, v in encode_prompts(self.components, ids.to(self.device)).items()}
+                    if disk:
+                        disk.save(key, entry)
+                self.cache[p] = entry
+        if disk:
+            disk.report()
 
     def conditioning(self, batch: list[Example], prompts: list[str]) -> dict:
         """The UNet's conditioning of a batch: encoder_hidden_states, and for SDXL text_embeds and time_ids."""
@@ -116,6 +150,13 @@ class TextCache:
         if self.size_cond:
             cond["time_ids"] = torch.stack([self.size_cond[ex.image]["time_ids"] for ex in batch]).to(self.device)
         return cond
+
+
+def _read(image: Path) -> bytes:
+    try:
+        return image.read_bytes()
+    except OSError as e:
+        raise AdaptError(f"cannot read image {image}: {e}; fix or remove it") from None
 
 
 def size_conditions(components, examples: list[Example], sizes: dict) -> dict:

@@ -21,6 +21,7 @@ from .checkpoint import resume
 from .checks import check_installed
 from .config import OPTIMIZER_PACKAGES, TrainConfig
 from .data import BatchOrder, Example, target_size
+from .diskcache import DiskCache, cache_root
 from .ema import make_ema
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
@@ -169,12 +170,15 @@ def place_for_training(components, trainable: set[int], device, weight_dtype) ->
 def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dict, accelerator, random_flip: bool,
                 progress: bool) -> tuple[LatentCache, TextCache]:
     """The VAE output per (image, flip) and the text encoder output per distinct prompt, cached as
-    asked; a cached module is then released, unless validation rendering needs it."""
+    asked (and on disk, --disk-cache); a cached module is then released, unless validation
+    rendering needs it. A trained text encoder is never cached."""
     keep_frozen = bool(cfg.validation_prompt)
+    root = cache_root(cfg.cache_dir) if cfg.disk_cache else None
     latents = LatentCache(c, sizes, accelerator.device)
     if cfg.cache_latents:
         latents.fill(list(dict.fromkeys(ex.image for ex in examples)), (False, True) if random_flip else (False,),
-                     show=progress and accelerator.is_main_process)
+                     show=progress and accelerator.is_main_process,
+                     disk=root and DiskCache(root, "latents", accelerator.device))
         if not keep_frozen:
             release(c, "vae")
     prompts = sorted({ex.prompt for ex in examples} | ({""} if cfg.caption_dropout else set()))
@@ -183,7 +187,7 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
         log.info("--shuffle-tags / --tag-dropout: captions change every step, so the text cache is off "
                  "(the text encoder stays loaded and encodes each step's captions)")
     elif cfg.cache_text and not set(c.text_encoder_names) & set(method.trainable_modules):
-        texts.fill(accelerator)
+        texts.fill(accelerator, disk=root and DiskCache(root, "text", accelerator.device))
         if not keep_frozen:
             for name in c.text_encoder_names:
                 release(c, name)

@@ -3,7 +3,10 @@ and a few small concept images. Everything is offline and takes seconds."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +15,10 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Training keeps a disk cache (default ~/.cache/adapt): never the user's own. Each test gets its own
+# (below); this one serves environments copied before that (a subprocess's env built at import).
+os.environ["ADAPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="adapt-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ADAPT_CACHE_DIR"], ignore_errors=True)
 
 
 def run(*args):
@@ -59,9 +66,11 @@ def concept_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _run_in_tmp(tmp_path, monkeypatch):
-    """Commands that write to ./outputs by default write into the test's own folder."""
+def _run_in_tmp(tmp_path, tmp_path_factory, monkeypatch):
+    """Commands that write to ./outputs by default write into the test's own folder, and the disk
+    cache of latents and text embeddings is the test's own (no test reads another's entries)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ADAPT_CACHE_DIR", str(tmp_path_factory.mktemp("adapt-cache")))
 
 
 @pytest.fixture
