@@ -109,9 +109,15 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
 def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
-                    generators: dict, loop: dict, keep: int) -> Path:
-    final = root / f"{PREFIX}{step:06d}"
+                    generators: dict, loop: dict, keep: int, protect: str | None = None) -> Path:
+    """Write checkpoint `step` under root, then prune all but the `keep` newest, and `protect` (a
+    checkpoint name: --keep-best's)."""
+    final = root / checkpoint_name(step)
     with atomic_dir(final) as tmp:
         trainable = {n: p.detach().float().contiguous().cpu() for n, p in named_params.items()}
         safetensors.torch.save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -128,7 +134,7 @@ def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_sch
         write_manifest(tmp)
     # Older ones beyond `keep`; a newer folder (left by an abandoned, e.g. damaged, timeline) does not count.
     older = [p for p in list_checkpoints(root) if p.name <= final.name]
-    for old in older[:-keep] if keep > 0 else []:
+    for old in [p for p in older[:-keep] if p.name != protect] if keep > 0 else []:
         trash = old.with_name(f".{old.name}.old.partial")  # renamed first: never a half-deleted checkpoint
         old.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
