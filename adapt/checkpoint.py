@@ -220,10 +220,11 @@ def load_checkpoint(path: Path, named_params: dict, optimizer, lr_scheduler, sca
 
 def _without_run_keys(recipe: dict) -> dict:
     """The parts of a recipe that must match to resume: all but the run length, checkpointing,
-    logging and validation settings (they do not change what is learned) and the split of the
-    global batch over processes (checked on its own)."""
+    logging and validation-render settings (they do not change what is learned) and the split of
+    the global batch over processes (checked on its own). The held-out images must match: they
+    decide what is trained on, and which step is best."""
     out = json.loads(json.dumps(recipe))
-    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "skip_nonfinite", "log_with",
+    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "keep_best", "skip_nonfinite", "log_with",
                 "validation_prompt", "validation_every", "validation_steps", "num_processes", "batch_size"):
         out.get("train", {}).pop(key, None)
     return out
