@@ -111,10 +111,15 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
 def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
-                    generators: dict, loop: dict, keep: int, ema: dict | None = None) -> Path:
-    """`ema`: the EMA shadows ({name: tensor}, ema.py), when the run keeps them."""
-    final = root / f"{PREFIX}{step:06d}"
+                    generators: dict, loop: dict, keep: int, ema: dict | None = None, protect: str | None = None) -> Path:
+    """Write checkpoint `step` under root, then prune all but the `keep` newest, and `protect` (a
+    checkpoint name: --keep-best's). `ema`: the EMA shadows ({name: tensor}, ema.py), when the run keeps them."""
+    final = root / checkpoint_name(step)
     with atomic_dir(final) as tmp:
         trainable = {n: p.detach().float().contiguous().cpu() for n, p in named_params.items()}
         safetensors.torch.save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -133,7 +138,7 @@ def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_sch
         write_manifest(tmp)
     # Older ones beyond `keep`; a newer folder (left by an abandoned, e.g. damaged, timeline) does not count.
     older = [p for p in list_checkpoints(root) if p.name <= final.name]
-    for old in older[:-keep] if keep > 0 else []:
+    for old in [p for p in older[:-keep] if p.name != protect] if keep > 0 else []:
         trash = old.with_name(f".{old.name}.old.partial")  # renamed first: never a half-deleted checkpoint
         old.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -229,10 +234,11 @@ def _load_tensors(path: Path, file: str, into: dict, other: str) -> None:
 
 def _without_run_keys(recipe: dict) -> dict:
     """The parts of a recipe that must match to resume: all but the run length, checkpointing,
-    logging and validation settings, where the moving average is kept and what of it is saved (they
-    do not change what is learned) and the split of the global batch over processes (checked on its own)."""
+    logging and validation-render settings, where the moving average is kept and what of it is saved
+    (they do not change what is learned) and the split of the global batch over processes (checked on
+    its own). The held-out images must match: they decide what is trained on, and which step is best."""
     out = json.loads(json.dumps(recipe))
-    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "skip_nonfinite", "log_with",
+    for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "keep_best", "skip_nonfinite", "log_with",
                 "validation_prompt", "validation_every", "validation_steps", "num_processes", "batch_size",
                 "ema_on_cpu", "save_ema"):
         out.get("train", {}).pop(key, None)

@@ -191,8 +191,11 @@ class TrainConfig:
     save_ema: str = _f("only", "With --ema-decay: only (the artifact holds the averaged weights) or both (also the trained weights, in OUTPUT/raw).")
     log_with: str | None = _f(None, "Also log to a tracker: tensorboard (logs under OUTPUT/logs).")
     validation_prompt: list[str] = _f((), "Prompt rendered during training with a fixed seed (repeatable).")
-    validation_every: int = _f(0, "Render the validation prompts every N steps (0 = only at the end).")
+    validation_every: int = _f(0, "Every N steps: render the validation prompts, compute the validation loss (0 = only at the end).")
     validation_steps: int = _f(25, "Denoising steps (dpm++2m-karras) for validation images.")
+    validation_split: float = _f(0.0, "Hold out this fraction of the instance images (at least one, chosen by --seed; never trained on) for a validation loss at fixed noise and timesteps: instance images only, no class images or prior term.")
+    validation_images: str | None = _f(None, "Folder of held-out images for the validation loss, instead of --validation-split (captions as for --images).", cli=Path)
+    keep_best: bool = _f(False, "With a validation set and --checkpoint-every: also keep the checkpoint with the lowest validation loss (measured at every checkpoint too).")
     num_processes: int = _f(1, "Data-parallel processes (relaunches itself with `accelerate launch`).")
 
     def __post_init__(self):
@@ -230,6 +233,18 @@ class TrainConfig:
             raise AdaptError(f"unknown tracker {self.log_with!r}; choose one of: tensorboard")
         if self.num_processes < 1 or self.validation_every < 0:
             raise AdaptError("--num-processes must be >= 1 and --validation-every >= 0")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise AdaptError(f"--validation-split must be in [0, 1), got {self.validation_split}")
+        if self.validation_split and self.validation_images:
+            raise AdaptError("pass either --validation-split or --validation-images, not both")
+        if self.keep_best and not (self.holds_out and self.checkpoint_every):
+            raise AdaptError("--keep-best needs a validation set (--validation-split F or --validation-images DIR) "
+                             "and --checkpoint-every N")
+
+    @property
+    def holds_out(self) -> bool:
+        """Images are held out for a validation loss (--validation-split, --validation-images)."""
+        return bool(self.validation_split or self.validation_images)
 
     def _check_group_lrs(self) -> None:
         for flag, value in (("--text-encoder-lr", self.text_encoder_lr), ("--embedding-lr", self.embedding_lr),

@@ -18,8 +18,10 @@ from .data import Example, check_images, dataset_examples, instance_examples
 from .errors import AdaptError
 from .models import load_components, native_resolution, resolve_model
 from .recipe import describe, to_dict
+from .report import validation_line
 from .signals import wait_forwarding
 from .train import train
+from .validation import held_out
 
 log = logging.getLogger("adapt")
 
@@ -43,6 +45,7 @@ def run(plan) -> None:
         log.info("%d images from %s; e.g. prompt: %r", len(examples), data.dataset or data.images, examples[0].prompt)
         resolution = data.resolution or native_resolution(resolve_model(plan.model))
         examples = check_images(examples, resolution, data.skip_bad_images)
+        examples, validation = held_out(examples, train_cfg, data, plan.template, resolution)  # before class images
         if db is not None and db.prior_preservation:
             examples += class_examples(plan.model, data, db, resolution)
 
@@ -55,10 +58,13 @@ def run(plan) -> None:
              "\n".join(describe(plan.configs, plan.sources, everything=False)))
     log.info("training %s for %d steps at %d px -> %s", plan.command, train_cfg.steps, resolution, out)
     result = train(components, method, examples, train_cfg, out, resolution=resolution, random_flip=data.random_flip,
-                   mask_from_alpha=data.mask_from_alpha, bucket_step=data.bucket_step if data.buckets else None, recipe=run_recipe)
+                   mask_from_alpha=data.mask_from_alpha, bucket_step=data.bucket_step if data.buckets else None, recipe=run_recipe,
+                   validation=validation)
     losses, k = result["losses"], max(1, len(result["losses"]) // 10)
     log.info("done in %.0f s: loss %.4f -> %.4f (mean of the first and last 10%% of steps); wrote %s", result["seconds"],
              sum(losses[:k]) / k, sum(losses[-k:]) / k, out)
+    if result["validation"] and result["validation"]["best_step"] is not None:
+        log.info("%s", validation_line(result["validation"]))
 
 
 def class_examples(model, data, db, resolution: int) -> list[Example]:

@@ -27,6 +27,7 @@ from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
 from .logs import optional_import
 from .masks import latent_masks
+from .validation import HeldOut, fixed_set, restore
 
 log = logging.getLogger("adapt")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,6 +58,7 @@ class Run:
     latents: LatentCache
     texts: TextCache
     masks: dict = field(default_factory=dict)  # image -> its loss mask at the latent size (masks.py)
+    validation: HeldOut | None = None  # the held-out images' fixed set and validation losses (validation.py)
     step: int = 0
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
@@ -81,15 +83,17 @@ class Run:
 
 def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir: Path, *, resolution: int,
           random_flip: bool, bucket_step: int | None, recipe: dict | None, progress: bool,
-          mask_from_alpha: bool = False) -> Run:
-    """Everything before the first step, in this order (the seeded draws depend on it)."""
+          mask_from_alpha: bool = False, validation: list[Example] | None = None) -> Run:
+    """Everything before the first step, in this order (the seeded draws depend on it). The
+    `validation` examples (held out, validation.py) are cached with the training examples."""
+    held = list(validation or [])
     if not examples:
         raise AdaptError("no training examples; pass --images DIR with at least one image")
     accelerator = make_accelerator(cfg, out_dir)
     set_seed(cfg.seed)
     params = trainable_parameters(components, method, cfg, accelerator.device)
-    sizes = {ex.image: target_size(ex, resolution, bucket_step) for ex in examples}
-    latents, texts = make_caches(components, method, examples, cfg, sizes, accelerator, random_flip, progress)
+    sizes = {ex.image: target_size(ex, resolution, bucket_step) for ex in examples + held}
+    latents, texts = make_caches(components, method, examples + held, cfg, sizes, accelerator, random_flip, progress)
     optimizer = make_optimizer(cfg, param_groups(cfg, method.parameter_groups(components), params))
     n_proc = accelerator.num_processes
     schedule_free = cfg.optimizer == "schedule-free-adamw"  # its own warm-up, then a constant lr (make_optimizer)
@@ -116,12 +120,14 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         generators["tags"] = torch.Generator().manual_seed(cfg.seed + 3)
     run = Run(cfg, components, method, examples, Path(out_dir), recipe, random_flip, accelerator, params, modules,
               optimizer, lr_scheduler, named_params, order, generators, latents, texts,
-              latent_masks([ex.image for ex in examples], sizes, latents.factor, mask_from_alpha))
+              latent_masks([ex.image for ex in examples + held], sizes, latents.factor, mask_from_alpha),
+              validation=fixed_set(held, latents, cfg, components.noise_scheduler, accelerator.device) if held else None)
     run.ema = make_ema(cfg, named_params) if accelerator.is_main_process else None  # it saves; the others need none
     if cfg.resume:
         loop = resume(run.ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
                       run.world, recipe, run.ema and run.ema.shadow)
         run.step, run.losses, order.pending = loop["step"], loop["losses"], loop["pending"]
+        restore(run, loop)
     if callable(getattr(_inner(optimizer), "train", None)):
         _inner(optimizer).train()  # schedule-free steps only in train mode (a checkpoint's state is already in it)
     return run

@@ -12,8 +12,8 @@ Per step (names as in diffusers' examples):
     loss          = sum_i loss_weight_i * mean((model_pred_i - target_i)^2)      (weights: data.loss_weights)
 
 The loop is four named steps on a `Run` (run.py sets it up): `draw` the global batch and its
-randomness, `train_step` on this process's share, `record` a finished optimizer step (metrics,
-checkpoint, graceful stop, validation), and `finish` (save, report).
+randomness, `train_step` on this process's share, `record` a finished optimizer step (validation
+loss, metrics, checkpoint, graceful stop, validation renders), and `finish` (save, report).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from .masks import batch_mask
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
 from .run import Run, eval_weights, setup, train_weights
 from .signals import graceful_stop
+from .validation import loop_state, measure, protected, summarize
 
 
 log = logging.getLogger("adapt")
@@ -102,14 +103,16 @@ def huber_deltas(noise_scheduler, timesteps, delta: float, schedule: str):
 @graceful_stop
 def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir: str | Path, *,
           resolution: int, random_flip: bool = False, bucket_step: int | None = None, recipe: dict | None = None,
-          progress: bool = True, stop=None, mask_from_alpha: bool = False) -> dict:
+          progress: bool = True, stop=None, mask_from_alpha: bool = False, validation: list[Example] | None = None) -> dict:
     """Train `method` on `examples`; write metrics.jsonl, loss.png, report.md and the method's
     artifact to out_dir. Runs as one process or as one of several (accelerate launch): every
     process draws the randomness of the whole global batch and trains on its share, so N
     processes x batch B equal one process x batch N*B. SIGTERM/SIGINT: see signals.py. Loss masks:
-    masks.py (`mask_from_alpha`: from the images' alpha channels, else from `name.mask.png` files)."""
+    masks.py (`mask_from_alpha`: from the images' alpha channels, else from `name.mask.png` files).
+    `validation`: held-out examples for the validation loss (validation.py)."""
     run = setup(components, method, examples, cfg, Path(out_dir), resolution=resolution, random_flip=random_flip,
-                bucket_step=bucket_step, recipe=recipe, progress=progress, mask_from_alpha=mask_from_alpha)
+                bucket_step=bucket_step, recipe=recipe, progress=progress, mask_from_alpha=mask_from_alpha,
+                validation=validation)
     acc = run.accelerator
     if acc.is_main_process:
         start_metrics(run.metrics_path, run.step)  # a resumed run continues the file
@@ -233,7 +236,7 @@ def skip_nonfinite(run: Run, bad: float) -> None:
 
 
 def record(run: Run, loss: float, last: float, bar, stop) -> float:
-    """After an optimizer step: metrics, checkpoint, graceful stop, validation, progress bar.
+    """After an optimizer step: validation loss, metrics, checkpoint, graceful stop, validation renders, progress bar.
     `last` is when the previous step ended; returns when this one did."""
     cfg, acc = run.cfg, run.accelerator
     run.method.after_step(run.components)
@@ -244,11 +247,12 @@ def record(run: Run, loss: float, last: float, bar, stop) -> float:
     run.step_seconds.append(now - last)
     run.losses.append(loss)
     lr = run.lr_scheduler.get_last_lr()[0]
+    val = {"val_loss": v} if (v := measure(run, chunk_loss)) is not None else {}  # before the checkpoint: --keep-best
     if cfg.log_with:
-        acc.log({"loss": loss, "lr": lr}, step=run.step)
+        acc.log({"loss": loss, "lr": lr, **val}, step=run.step)
     saved = None
     if acc.is_main_process:
-        append_metrics(run.metrics_path, run.step, loss, lr)
+        append_metrics(run.metrics_path, run.step, loss, lr, **val)
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
             saved = checkpoint(run)
     stop.check(acc, run.step, cfg.steps, saved, lambda: checkpoint(run))  # SIGTERM/SIGINT: checkpoint, then Stopped
@@ -263,8 +267,8 @@ def record(run: Run, loss: float, last: float, bar, stop) -> float:
 def checkpoint(run: Run) -> Path:
     return save_checkpoint(run.ckpt_root, run.step, run.named_params, run.optimizer, run.lr_scheduler,
                            run.accelerator.scaler, run.generators,
-                           {"losses": run.losses, "pending": run.order.pending, "recipe": run.recipe, "world": run.world},
-                           run.cfg.keep_checkpoints, run.ema and run.ema.shadow)
+                           {"losses": run.losses, "pending": run.order.pending, "recipe": run.recipe, "world": run.world,
+                            **loop_state(run)}, run.cfg.keep_checkpoints, run.ema and run.ema.shadow, protected(run))
 
 
 def validate(run: Run, tag: str, final: bool = False) -> None:
@@ -288,12 +292,13 @@ def finish(run: Run, seconds: float) -> dict:
     acc.wait_for_everyone()
     eval_weights(run, keep=False)
     validate(run, "final", final=True)
+    best = summarize(run)  # validation.json
     for n, m in zip(run.method.trainable_modules, run.modules):
         setattr(c, n, acc.unwrap_model(m))
     if acc.is_main_process:
         save_artifact(run.method, c, run.out_dir, run.recipe or {}, run.ema, run.cfg.save_ema == "both")
-        plot_losses(run.losses, run.out_dir / "loss.png")
-        write_report(run.out_dir, run.recipe or {}, run.losses, seconds, run.skipped)
+        plot_losses(run.losses, run.out_dir / "loss.png", run.validation.losses if run.validation else None)
+        write_report(run.out_dir, run.recipe or {}, run.losses, seconds, run.skipped, best)
     acc.end_training()
     return {"losses": run.losses, "steps": run.step, "seconds": seconds, "skipped": run.skipped,
-            "step_seconds": run.step_seconds}
+            "step_seconds": run.step_seconds, "validation": best}

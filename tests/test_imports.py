@@ -22,7 +22,7 @@ LAYERS = [
     ["data", "masks", "models", "loras", "embeddings", "formats", "diskcache"],
     ["encode", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
     ["infer", "checkpoint", "ema", "metrics"],
-    ["report", "classimages", "evaluate", "eval_io", "lora_tools"],
+    ["report", "classimages", "evaluate", "eval_io", "lora_tools", "validation"],
     ["run", "train"],
     ["launch"],
     ["plan", "dryrun"],

@@ -91,7 +91,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model, 
     def cmd(out, *extra):
         return [sys.executable, "-m", "adapt", "lora", "--images", str(concept_dir), "--token", "<sks>", "--model",
                 str(tiny_model), "--output", str(out), "--steps", "5", "--lr", "1e-2", "--random-flip",
-                "--caption-dropout", "0.3", *extra]
+                "--caption-dropout", "0.3", "--validation-split", "0.34", "--validation-every", "2", *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(cmd(tmp_path / "one", "--batch-size", "2"), capture_output=True, text=True, env=env)
@@ -106,6 +106,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model, 
     la = [json.loads(r)["loss"] for r in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(r)["loss"] for r in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(lb) == 5 and np.allclose(la, lb, rtol=1e-5)  # one line per step: only the main process writes
+    # the validation loss: each process scores its share of the held-out draws, unwrapped from DDP, then summed
+    va = [json.loads(r).get("val_loss") for r in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    vb = [json.loads(r).get("val_loss") for r in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [i + 1 for i, v in enumerate(va) if v is not None] == [i + 1 for i, v in enumerate(vb) if v is not None] == [2, 4, 5]
+    assert np.allclose([v for v in va if v is not None], [v for v in vb if v is not None], rtol=1e-5)
     # the same files (the kohya file is named after its run folder)
     assert sorted(p.name.replace("two", "RUN") for p in (tmp_path / "two").iterdir()) == \
         sorted(p.name.replace("one", "RUN") for p in (tmp_path / "one").iterdir())
