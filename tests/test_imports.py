@@ -20,7 +20,7 @@ LAYERS = [
     ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate"],
     ["config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "embeddings", "formats", "diskcache"],
-    ["encode", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
+    ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
     ["infer", "checkpoint", "ema", "metrics"],
     ["report", "classimages", "evaluate", "eval_io", "lora_tools", "validation"],
     ["run", "train"],

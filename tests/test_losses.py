@@ -13,7 +13,8 @@ from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
-from adapt.train import diffusion_loss, elementwise_loss, huber_deltas, train
+from adapt.losses import diffusion_loss, elementwise_loss, huber_deltas
+from adapt.train import train
 
 
 def _inputs():
