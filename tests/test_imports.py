@@ -26,7 +26,7 @@ LAYERS = [
     ["run", "train"],
     ["launch"],
     ["plan", "dryrun"],
-    ["options", "cli", "__main__"],
+    ["options", "lora_commands", "cli", "__main__"],
 ]
 LEVEL = {name: k for k, names in enumerate(LAYERS) for name in names}
 
@@ -135,6 +135,7 @@ def test_help_does_not_import_torch(command):
 LIGHT = {
     "__init__", "errors", "logs", "signals", "schedulers",  # the CLI's own imports and its callback
     "cli", "__main__", "options", "checks", "config", "recipe",  # options, --help, argument checks
+    "lora_commands",                                         # merge, convert
     "methods",                                               # the METHODS table the options come from
     "plan",                                                  # make_plan: every run argument error
     "methods.full", "methods.lora", "methods.textual_inversion",  # plan loads the method class (settle)
