@@ -1,7 +1,7 @@
 """The `adapt` command line: typer only. The training commands' options are generated from the
 config fields of the sections their method reads (adapt.config, adapt.methods.METHODS); the LoRA
 tools' commands are declared in adapt.lora_commands; the commands' bodies live in adapt.plan,
-infer, evaluate and lora_tools.
+infer, evaluate, lora_tools and extract.
 
 Heavy libraries (torch, diffusers, ...) are imported inside the commands, after the arguments
 and the recipe have been checked, so `adapt --help` and argument errors answer at once.
@@ -212,7 +212,7 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
     log.info("wrote eval.json and grid.png to %s", out)
 
 
-for _command, _help in LORA_COMMANDS:  # merge, convert (lora_commands.py)
+for _command, _help in LORA_COMMANDS:  # merge, convert, extract, resize (lora_commands.py)
     app.command(help=_help)(user_errors(_command))
 
 
