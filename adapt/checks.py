@@ -1,13 +1,13 @@
 """Argument checks of the commands, run before anything heavy loads (torch-free): sampling
-options, --lora/--embedding specs, eval's and merge's argument combinations, the default run
-folder, optional packages an option needs."""
+options, --lora/--embedding specs, eval's and merge's argument combinations, extract's and resize's
+ranks and outputs, the default run folder."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
+from .config import check_lora_format
 from .errors import AdaptError
 from .schedulers import check_scheduler
 
@@ -15,14 +15,6 @@ from .schedulers import check_scheduler
 def default_output(kind: str) -> Path:
     """The one default run folder name: outputs/<kind>-<timestamp> (kind: a method or a command)."""
     return Path("outputs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_installed(module: str, option: str, extra: str | None = None) -> None:
-    """`option` needs the optional package `module`: when it is not installed (looked up, not imported),
-    a one-line error with the pip command (and the adapt extra that holds it)."""
-    if importlib.util.find_spec(module) is None:
-        also = f' (or pip install "{extra}")' if extra else ""
-        raise AdaptError(f"{option} needs the {module} package, which is not installed: pip install {module}{also}")
 
 
 def check_sampling(scheduler: str, steps: int, count: int, size: int | None) -> None:
@@ -95,3 +87,35 @@ def check_merge_args(loras: list, output, into_model, rank, overwrite: bool) -> 
         raise AdaptError(f"{target} already exists; pass another path or --overwrite to replace it")
     if into_model is not None and rank is not None:
         raise AdaptError("--rank applies to --output (a LoRA file), not to --into-model")
+
+
+def check_rank_energy(rank: int | None, energy: float | None, need_one: bool = True) -> None:
+    """extract / resize: --rank >= 1, --energy in (0, 1]; resize needs one of them."""
+    if need_one and rank is None and energy is None:
+        raise AdaptError("pass --rank R or --energy F (or both: --rank caps the ranks --energy picks)")
+    if rank is not None and rank < 1:
+        raise AdaptError(f"--rank must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise AdaptError(f"--energy must be in (0, 1], the fraction of each module's sum(s^2) to keep; got {energy}")
+
+
+def check_lora_output(output: Path, fmt: str | None, overwrite: bool) -> None:
+    """extract / resize: --format a LoRA layout or both (two files: --output a folder), a folder
+    --output not an existing file, and nothing overwritten without --overwrite."""
+    if fmt is not None:
+        check_lora_format(fmt, "both")
+    is_file = output.suffix == ".safetensors"
+    if fmt == "both" and is_file:
+        raise AdaptError(f"--format both writes two files; pass a folder as --output (not {output}) or --format diffusers|kohya")
+    if not is_file and output.is_file():
+        raise AdaptError(f"--output {output} is a file; name a .safetensors file or a folder for the LoRA files")
+    if output.exists() and not overwrite:
+        raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
+
+
+def parse_targets(targets: str) -> list[str]:
+    """'q,k,v,out' -> ['q', 'k', 'v', 'out'] (extract's --targets, as training's)."""
+    out = [t.strip() for t in targets.split(",") if t.strip()]
+    if not out:
+        raise AdaptError("--targets is empty; choose from q,k,v,out or module names such as to_q, ff.net.0.proj")
+    return out

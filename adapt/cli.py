@@ -1,6 +1,7 @@
 """The `adapt` command line: typer only. The training commands' options are generated from the
-config fields of the sections their method reads (adapt.config, adapt.methods.METHODS); the
-commands' bodies live in adapt.plan, infer, evaluate and lora_tools.
+config fields of the sections their method reads (adapt.config, adapt.methods.METHODS); the LoRA
+tools' commands are declared in adapt.lora_commands; the commands' bodies live in adapt.plan,
+infer, evaluate, lora_tools and extract.
 
 Heavy libraries (torch, diffusers, ...) are imported inside the commands, after the arguments
 and the recipe have been checked, so `adapt --help` and argument errors answer at once.
@@ -19,12 +20,12 @@ from typing import Annotated, List, Optional
 import typer
 import typer.core
 
-from .checks import check_eval_args, check_merge_args, check_sampling, default_output, embedding_specs, lora_specs
-from .config import check_lora_format
+from .checks import check_eval_args, check_sampling, default_output, embedding_specs, lora_specs
 from .errors import AdaptError
 from .logs import defer_optional_imports, quiet_libraries
 from .methods import METHODS
-from .options import training_parameters
+from .lora_commands import LORA_COMMANDS
+from .options import AllowPickle, Lenient, Lora, Model, Overwrite, training_parameters
 from .plan import make_plan, run_plan
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .signals import interrupt_on_sigterm
@@ -86,10 +87,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     defer_optional_imports()  # bitsandbytes loads only for --optimizer adamw8bit, not at every start
 
 
-Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers folder or a cached hub id. Default: the bundled emoji base model.")]
 Output = Annotated[Optional[Path], typer.Option(help="Run folder. Default: outputs/<method>-<timestamp>.")]
 Recipe = Annotated[Optional[Path], typer.Option(help="TOML recipe: [data] [lora] [dreambooth] [train] sections of option defaults; flags override it.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace a finished run already in --output.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved settings (and where each came from), the data, steps and epochs, "
                                            "and an estimate of peak memory and time per step; train nothing.")]
 
@@ -118,9 +117,6 @@ for _name, _spec in METHODS.items():
     _training_command(_name, _spec.description)
 
 
-Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
-Lenient = Annotated[bool, typer.Option(help="Leave out LoRA keys that fit no module (of the model, or of any SD/SDXL model) with a warning, instead of stopping.")]
-AllowPickle = Annotated[bool, typer.Option(help="Also read pickle LoRA/embedding files (.pt/.bin/.ckpt), tensors only, with a warning. Only for files you trust.")]
 Embedding = Annotated[Optional[List[str]], typer.Option(help="Textual-inversion embedding (diffusers or A1111 safetensors), FILE[:TOKEN] to rename; repeatable.")]
 
 
@@ -217,60 +213,8 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
     log.info("wrote eval.json and grid.png to %s", out)
 
 
-@app.command(help="""Combine LoRAs: into one LoRA file (exact weighted sum, or rank-R by SVD), or fused into a model folder.
-
-\b
-Examples:
-  adapt merge --lora a.safetensors:0.7 --lora b.safetensors:0.4 --output ab.safetensors
-  adapt merge --lora a.safetensors:0.7 --lora b.safetensors:0.4 --output ab8.safetensors --rank 8
-  adapt merge --lora a.safetensors:0.8 --into-model outputs/model-with-a
-""")
-@user_errors
-def merge(lora: Lora = None,
-          output: Annotated[Optional[Path], typer.Option(help="Write ONE LoRA file: sum_i w_i * (alpha_i/r_i) * B_i A_i (ranks concatenated).")] = None,
-          into_model: Annotated[Optional[Path], typer.Option(help="Write a diffusers model folder with the LoRAs fused into its weights.")] = None,
-          model: Model = None,
-          rank: Annotated[Optional[int], typer.Option(help="With --output: approximate the sum at this rank by SVD and print the relative error.")] = None,
-          format: Annotated[str, typer.Option("--format", help="Layout of --output: diffusers or kohya.")] = "diffusers",
-          overwrite: Overwrite = False, allow_pickle: AllowPickle = False, lenient: Lenient = False):
-    loras = lora_specs(lora)
-    check_merge_args(loras, output, into_model, rank, overwrite)
-    if output is not None:
-        check_lora_format(format)
-        from .lora_tools import merge_to_file  # lazy: loads torch (a command's body)
-
-        err = merge_to_file(loras, output, format, rank, allow_pickle, lenient)
-        if rank is not None:
-            typer.echo(f"rank {rank}: relative error ||dW - dW_r|| / ||dW|| = {err:.6f}")
-        return
-    from .lora_tools import merge_into_model  # lazy: loads torch (a command's body)
-
-    merge_into_model(loras, model, into_model, allow_pickle, lenient)
-
-
-@app.command(help="""Convert a LoRA file between the diffusers/peft and kohya/A1111/ComfyUI layouts.
-
-\b
-Kohya-layout SDXL files name UNet blocks as Stability does (input_blocks / middle_block /
-output_blocks), as kohya's trainer writes them; the reader takes either block naming.
-
-\b
-Example:
-  adapt convert outputs/cat-lora/pytorch_lora_weights.safetensors --to kohya --output cat.safetensors
-""")
-@user_errors
-def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert (either layout).")],
-            to: Annotated[str, typer.Option(help="Target layout: kohya or diffusers.")],
-            output: Annotated[Path, typer.Option(help="Where to write the converted file.")],
-            overwrite: Overwrite = False, allow_pickle: AllowPickle = False, lenient: Lenient = False):
-    check_lora_format(to)
-    if not file.is_file():
-        raise AdaptError(f"LoRA file {file} not found")
-    if output.exists() and not overwrite:
-        raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
-    from .lora_tools import convert as convert_lora  # lazy: loads torch (a command's body)
-
-    convert_lora(file, to, output, allow_pickle, lenient)
+for _command, _help in LORA_COMMANDS:  # merge, convert, extract, resize (lora_commands.py)
+    app.command(help=_help)(user_errors(_command))
 
 
 @app.command(help="List the sampler names `generate` accepts, with when to choose each.")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import check_installed
 from .errors import AdaptError
+from .logs import check_installed
 from .schedulers import DEFAULT_SCHEDULER, check_scheduler
 
 

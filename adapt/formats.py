@@ -65,6 +65,17 @@ def save_lora(components, out_dir, recipe: dict, fmt: str = "both") -> list[Path
     return written
 
 
+def write_lora_outputs(output, loras: dict, fmt: str | None, meta: dict, sdxl: bool) -> list[Path]:
+    """A LoRA where a LoRA tool's --output says: a `.safetensors` path is one file in `fmt` (default
+    diffusers); any other path is a folder holding the files a LoRA run writes (`fmt` default both)."""
+    output = Path(output)
+    if output.suffix == ".safetensors":
+        return [write_lora(output, loras, fmt or "diffusers", meta, sdxl=sdxl)]
+    fmt = fmt or "both"
+    return [write_lora(output / (LORA_FILE if layout == "diffusers" else kohya_file_name(output)), loras, layout, meta, sdxl=sdxl)
+            for layout in (("diffusers", "kohya") if fmt == "both" else (fmt,))]
+
+
 def kohya_file_name(out_dir: Path) -> str:
     """`<run folder name>.safetensors`: the LoRA's name in ComfyUI's and A1111's lists (in a run's
     raw/ folder, `<run folder name>-raw.safetensors`)."""

@@ -1,12 +1,16 @@
 """adapt's own progress bars and one-line logs only: the libraries' info chatter is hidden. And
-the optional libraries the stack would import at start-up for nothing (`defer_optional_imports`)."""
+the optional packages: deferred where the stack would import them for nothing, checked where an
+option needs one (`check_installed`: a one-line error with the pip command)."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
+
+from .errors import AdaptError
 
 LIBRARIES = ("bitsandbytes", "accelerate", "peft", "diffusers", "transformers", "huggingface_hub")
 
@@ -43,3 +47,11 @@ def optional_import(name: str):
     if name in sys.modules and sys.modules[name] is None:
         del sys.modules[name]
     return importlib.import_module(name)
+
+
+def check_installed(module: str, option: str, extra: str | None = None) -> None:
+    """`option` needs the optional package `module`: when it is not installed (looked up, not imported),
+    a one-line error with the pip command (and the adapt extra that holds it)."""
+    if importlib.util.find_spec(module) is None:
+        also = f' (or pip install "{extra}")' if extra else ""
+        raise AdaptError(f"{option} needs the {module} package, which is not installed: pip install {module}{also}")

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,29 +150,37 @@ def parse_lora(tensors: dict, meta: dict, path: str | Path, lenient: bool = Fals
     return loras
 
 
-def _uniform(loras: dict[str, Lora]) -> dict[str, Lora]:
-    """Same update with one rank and one alpha for the whole file, the shape every loader
-    understands without per-module patterns: kept as it is when that already holds, else
-    alpha = rank and ranks zero-padded (zero rows add nothing to up @ down)."""
+def _common_rank(loras) -> int:
+    """The most common rank of the modules (the smallest of the most common on a tie)."""
+    counts = Counter(lo.rank for lo in loras)
+    return min(counts, key=lambda r: (-counts[r], r))
+
+
+def _scale_one(loras: dict[str, Lora]) -> dict[str, Lora]:
+    """Same update, kept as it is when one (rank, alpha) holds for the whole file, else with each
+    module's scale folded into its up matrix (alpha = its rank, scale 1): the convention diffusers
+    assumes for modules whose rank differs from the file's most common one."""
     if len({(lo.rank, lo.alpha) for lo in loras.values()}) == 1:
         return loras
-    rank = max(lo.rank for lo in loras.values())
-    out = {}
-    for k, lo in loras.items():
-        up = lo.up * lo.scale
-        down = lo.down
-        if lo.rank < rank:
-            pad = rank - lo.rank
-            down = torch.cat([down, down.new_zeros(pad, *down.shape[1:])])
-            up = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], dim=1)
-        out[k] = Lora(down, up, float(rank))
-    return out
+    return {k: Lora(lo.down, lo.up * lo.scale, float(lo.rank)) for k, lo in loras.items()}
+
+
+def _one_alpha(loras: dict[str, Lora]) -> dict[str, Lora]:
+    """Same update with ONE alpha for the whole file (the most common rank; ranks may still vary):
+    diffusers' reader of kohya files applies one alpha to every module (ComfyUI and A1111 read
+    each module's)."""
+    if len({(lo.rank, lo.alpha) for lo in loras.values()}) == 1:
+        return loras
+    alpha = float(_common_rank(loras.values()))
+    return {k: Lora(lo.down, lo.up * (lo.scale * lo.rank / alpha), alpha) for k, lo in loras.items()}
 
 
 def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers", metadata: dict | None = None,
                sdxl: bool | None = None) -> Path:
     """Write `loras` as one safetensors file in `fmt` (diffusers or kohya), atomically. `sdxl`
-    (default: lora_names.is_sdxl of the modules and metadata) picks kohya's SDXL names."""
+    (default: lora_names.is_sdxl of the modules and metadata) picks kohya's SDXL names. Modules
+    may differ in rank: the diffusers layout says so in peft's rank_pattern, the kohya layout
+    through the shapes, with one alpha for the whole file (see _one_alpha)."""
     check_lora_format(fmt)
     if not loras:
         raise AdaptError("nothing to write: the LoRA has no modules")
@@ -188,7 +197,7 @@ def write_lora(path: str | Path, loras: dict[str, Lora], fmt: str = "diffusers",
 
 
 def _kohya_tensors(loras: dict[str, Lora], meta: dict, sdxl: bool) -> dict:
-    tensors = {}
+    loras, tensors = _one_alpha(loras), {}
     for key, lo in sorted(loras.items()):
         name = to_kohya_name(key, sdxl)
         tensors[f"{name}.lora_down.weight"] = lo.down.contiguous()
@@ -200,18 +209,26 @@ def _kohya_tensors(loras: dict[str, Lora], meta: dict, sdxl: bool) -> dict:
 
 
 def _diffusers_tensors(loras: dict[str, Lora], meta: dict) -> dict:
-    loras = _uniform(loras)
-    rank, alpha = next(iter(loras.values())).rank, next(iter(loras.values())).alpha
+    """diffusers' keys, and peft's config per component in `lora_adapter_metadata`: r and
+    lora_alpha of the most common rank, rank_pattern / alpha_pattern for modules of other ranks
+    (full module paths, which peft matches as regexes ending at a module name)."""
+    loras = _scale_one(loras)
     tensors, adapter_meta = {}, {}
-    for key, lo in sorted(loras.items()):
-        component, module_path = key.split(".", 1)
+    for component in sorted({k.split(".", 1)[0] for k in loras}):
+        mine = {k.split(".", 1)[1]: lo for k, lo in sorted(loras.items()) if k.split(".", 1)[0] == component}
+        rank = _common_rank(mine.values())
+        alpha = next(lo.alpha for lo in mine.values() if lo.rank == rank)
         # diffusers' spelling: `.lora.down` for the UNet, `.lora_linear_layer.down` for text encoders
         infix = "lora" if component == "unet" else "lora_linear_layer"
-        tensors[f"{key}.{infix}.down.weight"] = lo.down.contiguous()
-        tensors[f"{key}.{infix}.up.weight"] = lo.up.contiguous()
-        adapter_meta.setdefault(f"{component}.r", rank)
-        adapter_meta.setdefault(f"{component}.lora_alpha", alpha)
-        adapter_meta.setdefault(f"{component}.target_modules", []).append(module_path)
+        for module_path, lo in mine.items():
+            tensors[f"{component}.{module_path}.{infix}.down.weight"] = lo.down.contiguous()
+            tensors[f"{component}.{module_path}.{infix}.up.weight"] = lo.up.contiguous()
+        adapter_meta.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                             f"{component}.target_modules": list(mine)})
+        others = {path: lo for path, lo in mine.items() if lo.rank != rank}
+        if others:
+            adapter_meta[f"{component}.rank_pattern"] = {path: lo.rank for path, lo in others.items()}
+            adapter_meta[f"{component}.alpha_pattern"] = {path: lo.alpha for path, lo in others.items()}
     meta["lora_adapter_metadata"] = json.dumps(adapter_meta, sort_keys=True)
     return tensors
 

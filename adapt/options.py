@@ -1,6 +1,7 @@
-"""The training commands' options, generated from the config fields of the sections their method
-reads (adapt.config via adapt.recipe.SECTIONS, adapt.methods.METHODS), so each option is declared
-once. cli.py gives them to typer. Light: nothing heavy is imported.
+"""The commands' options: those of the training commands generated from the config fields of the
+sections their method reads (adapt.config via adapt.recipe.SECTIONS, adapt.methods.METHODS), so
+each option is declared once, and the options several commands share. cli.py gives them to typer.
+Light: nothing heavy is imported.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import typer
 
 from .methods import MethodSpec
 from .recipe import SECTIONS, field_help
+
+Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers folder or a cached hub id. Default: the bundled emoji base model.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a finished run already in --output.")]
+Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
+Lenient = Annotated[bool, typer.Option(help="Leave out LoRA keys that fit no module (of the model, or of any SD/SDXL model) with a warning, instead of stopping.")]
+AllowPickle = Annotated[bool, typer.Option(help="Also read pickle LoRA/embedding files (.pt/.bin/.ckpt), tensors only, with a warning. Only for files you trust.")]
 
 
 def _option(section: str, f: dataclasses.Field, help: str | None):

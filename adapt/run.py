@@ -18,14 +18,13 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 
 from .checkpoint import resume
-from .checks import check_installed
 from .config import OPTIMIZER_PACKAGES, TrainConfig
 from .data import BatchOrder, Example, target_size
 from .diskcache import DiskCache, cache_root
 from .ema import make_ema
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
-from .logs import optional_import
+from .logs import check_installed, optional_import
 from .masks import latent_masks
 from .validation import HeldOut, fixed_set, restore
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from adapt.cli import app
 
 SNAPSHOTS = Path(__file__).parent / "data" / "help"
-COMMANDS = ["", "lora", "dreambooth", "textual-inversion", "generate", "eval", "merge", "convert", "schedulers"]
+COMMANDS = ["", "lora", "dreambooth", "textual-inversion", "generate", "eval", "merge", "convert", "extract", "resize",
+            "schedulers"]
 
 
 def help_text(command: str) -> str:

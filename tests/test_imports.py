@@ -19,14 +19,14 @@ LAYERS = [
     ["__init__", "errors"],
     ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate"],
     ["config", "checks", "recipe"],
-    ["data", "masks", "models", "loras", "embeddings", "formats", "diskcache"],
+    ["data", "masks", "models", "loras", "lowrank", "embeddings", "formats", "diskcache"],
     ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
     ["infer", "checkpoint", "ema", "metrics"],
-    ["report", "classimages", "evaluate", "eval_io", "lora_tools", "validation"],
+    ["report", "classimages", "evaluate", "eval_io", "lora_tools", "validation", "extract"],
     ["run", "train"],
     ["launch"],
     ["plan", "dryrun"],
-    ["options", "cli", "__main__"],
+    ["options", "lora_commands", "cli", "__main__"],
 ]
 LEVEL = {name: k for k, names in enumerate(LAYERS) for name in names}
 
@@ -119,7 +119,8 @@ def test_the_checker_sees_every_kind_of_import(tmp_path):
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("command", ["", "lora", "dreambooth", "textual-inversion", "generate", "eval", "merge", "convert"])
+@pytest.mark.parametrize("command", ["", "lora", "dreambooth", "textual-inversion", "generate", "eval", "merge", "convert",
+                                     "extract", "resize"])
 def test_help_does_not_import_torch(command):
     argv = [command, "--help"] if command else ["--help"]
     code = ("import sys\nfrom adapt.cli import app\n"
@@ -135,6 +136,7 @@ def test_help_does_not_import_torch(command):
 LIGHT = {
     "__init__", "errors", "logs", "signals", "schedulers",  # the CLI's own imports and its callback
     "cli", "__main__", "options", "checks", "config", "recipe",  # options, --help, argument checks
+    "lora_commands",                                         # merge, convert, extract, resize
     "methods",                                               # the METHODS table the options come from
     "plan",                                                  # make_plan: every run argument error
     "methods.full", "methods.lora", "methods.textual_inversion",  # plan loads the method class (settle)
@@ -163,6 +165,8 @@ def test_light_modules_and_argument_errors_import_nothing_heavy(tmp_path):
     images.mkdir()
     Image.new("RGB", (8, 8)).save(images / "a.png")
     errors = [["--help"], ["lora", "--help"], ["schedulers"], ["generate", "x", "--size", "30"], ["eval"], ["merge"],
+              ["extract", "--model", str(tmp_path / "missing")], ["extract", "--model", str(images), "--rank", "0"],
+              ["resize", str(images / "a.png"), "--energy", "2", "--output", "x.safetensors"],
               *([cmd, "--images", str(images), "--token", "<sks>", "--resume", "latest"]
                 for cmd in ("lora", "dreambooth", "textual-inversion")),
               ["dreambooth", "--lora", "--images", str(images), "--token", "<sks>", "--resume", "latest"]]

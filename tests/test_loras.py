@@ -216,7 +216,7 @@ def test_merged_file_is_exactly_the_weighted_sum(tiny_model, two_loras, tmp_path
     assert torch.allclose(_unet_out(tiny_model, [(str(out), 1.0)]), _unet_out(tiny_model, [(a, 0.7), (b, 0.4)]), atol=1e-5)
 
     # rank reduction: at the full rank nothing is lost, below it the printed error is the SVD's
-    full_rank = next(iter(merged.values())).rank
+    full_rank = max(lo.rank for lo in merged.values())  # ranks differ by module: A's and B's modules differ
     assert reduce_rank(merged, full_rank)[1] < 1e-6
     low, err = reduce_rank(merged, 1)
     assert 0 < err < 1
