@@ -33,7 +33,7 @@ KNOWN = {json.loads(line)["file"] for line in (BUNDLED_MODEL / "training_set.jso
 META = [m for m in map(json.loads, (EMOJI / "metadata.jsonl").read_text().splitlines()) if m["file"] in KNOWN]  # emoji the base knows
 CATS = [m for m in META if "cat" in m["name"].split()]
 pytestmark = pytest.mark.slow
-# Issue 13's targets that the current base (3,200 training steps; see README) does not reach yet:
+# Issue 13's targets that the current base (4,800 training steps; see README) does not reach yet:
 # kept as strict xfails, so they report the day a better base meets them.
 UNDERTRAINED = pytest.mark.xfail(strict=True, reason="the bundled base is under-trained for this target (README)")
 
@@ -79,14 +79,14 @@ def _styled():
 def test_base_draws_the_style_asked_for():
     metas, styles, gen = _styled()
     got = nearest_style(gen, {s: features([EMOJI / s / m["file"] for m in metas]) for s in STYLES})
-    assert np.mean([s == want for s, want in zip(got, styles)]) >= 0.7  # chance 1/5; measured 0.31
+    assert np.mean([s == want for s, want in zip(got, styles)]) >= 0.7  # chance 1/5; measured 0.375
 
 
 @UNDERTRAINED
 def test_base_draws_the_emoji_asked_for():
     metas, _, gen = _styled()
     got = _nearest(gen, _cells(STYLES, metas))
-    assert np.mean([f == m["file"] for (_, f), m in zip(got, metas)]) >= 0.75  # chance 1/16; measured 0.19
+    assert np.mean([f == m["file"] for (_, f), m in zip(got, metas)]) >= 0.75  # chance 1/16; measured 0.56
 
 
 @UNDERTRAINED
@@ -96,8 +96,8 @@ def test_a_word_the_base_never_learned_does_not_change_what_it_draws():
     seeds = list(range(len(metas)))
     plain = _nearest(_render(prompts, seeds), _cells())
     rare = _nearest(_render([p.replace("of ", "of <sks> ") for p in prompts], seeds), _cells())
-    assert np.mean([a[1] == b[1] for a, b in zip(plain, rare)]) >= 0.8  # same emoji retrieved; measured 0.55
-    assert np.mean([f == m["file"] for (_, f), m in zip(rare, metas)]) >= 0.7
+    assert np.mean([a[1] == b[1] for a, b in zip(plain, rare)]) >= 0.8  # same emoji retrieved; measured 0.90 (met)
+    assert np.mean([f == m["file"] for (_, f), m in zip(rare, metas)]) >= 0.7  # measured 0.40: why it still fails
 
 
 def test_prompts_without_a_style_vary_across_seeds_and_styles():
@@ -136,7 +136,7 @@ def test_dreambooth_prior_preservation_keeps_the_class_and_learns_the_instance(t
         train(load_components(None), FullMethod(), ex, TrainConfig(steps=rec["steps"], lr=rec["lr"]), tmp_path / str(prior),
               resolution=64, progress=False)
         drift[prior] = float(np.linalg.norm(_render([class_prompt] * 8, SEEDS, tmp_path / str(prior)) - base, axis=1).mean())
-    # same steps and seed: the prior keeps the class closer to the base (measured 5.24 vs 6.08; issue 13
+    # same steps and seed: the prior keeps the class closer to the base (benchmarks/learning.py: 5.65 vs 7.18; issue 13
     # asks for <= 1/3, not reached on this base)
     assert drift[True] < 0.95 * drift[False], drift
 
@@ -148,4 +148,4 @@ def test_textual_inversion_token_draws_twemoji_cats(tmp_path):
           TrainConfig(steps=rec["steps"], lr=rec["lr"]), tmp_path, resolution=64, progress=False)
     learned = _render(["an emoji of <cat-toy>"] * 8, SEEDS, embeddings=[(str(tmp_path / "learned_embeds.safetensors"), None)])
     init = _render(["an emoji of cat"] * 8, SEEDS)
-    assert _twemoji_cat_rate(learned) >= _twemoji_cat_rate(init) + 0.25  # measured 0.0 and 0.0
+    assert _twemoji_cat_rate(learned) >= _twemoji_cat_rate(init) + 0.25  # benchmarks/learning.py (16 seeds): 0.125
