@@ -65,6 +65,15 @@ class DataConfig:
 
 
 LORA_FORMATS = ("diffusers", "kohya")  # LoRA file layouts: diffusers/peft, kohya (ComfyUI, A1111)
+# The layouts each adapter has (a run's "both" writes these): DoRA's and LoHa/LoKr's other layout would be misread.
+ADAPTER_LAYOUTS = {"lora": ("diffusers", "kohya"), "dora": ("diffusers",), "loha": ("kohya",), "lokr": ("kohya",)}
+_NO_LAYOUT = {
+    "kohya": "a DoRA LoRA has no kohya file: A1111 and ComfyUI normalise a kohya dora_scale otherwise than peft's "
+             "DoRA (per input column, or by the base weight's norm), so they would apply it wrongly; use the diffusers layout "
+             "(diffusers' load_lora_weights and adapt generate read it)",
+    "diffusers": "diffusers' load_lora_weights reads no LoHa or LoKr file for Stable Diffusion; use the kohya layout "
+                 "(the LyCORIS file ComfyUI, A1111/Forge and adapt generate read)",
+}
 EMBEDDING_FORMATS = ("diffusers", "a1111")  # textual-inversion files: diffusers, A1111/ComfyUI
 LORA_TARGET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 
@@ -230,3 +239,9 @@ def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
 def check_lora_format(fmt: str, *extra: str) -> None:
     """The one check of a LoRA layout name (`extra`: more accepted names, e.g. "both" for a run)."""
     _choice("LoRA format", fmt, (*extra, *LORA_FORMATS))
+
+
+def check_adapter_layout(adapter: str, layout: str) -> None:
+    """The one check that a LoRA variant (lora, dora, loha, lokr) has a file in `layout`."""
+    if layout not in ADAPTER_LAYOUTS[adapter]:
+        raise AdaptError(_NO_LAYOUT[layout])
