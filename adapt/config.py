@@ -84,7 +84,9 @@ class LoraConfig:
     alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to the rank (scale 1).")
     targets: list[str] = _f(("q", "k"), "UNet attention projections to adapt: any of q,k,v,out (or module names like to_q).", cli=str)
     train_text_encoder: bool = _f(False, "Also put LoRA on the text encoder's q_proj/k_proj.")
-    format: str = _f("both", "LoRA file(s): both, diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI/A1111, <run folder>.safetensors).")
+    format: str = _f("both", "LoRA file(s): both, diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI/A1111, <run folder>.safetensors). DoRA has only the diffusers file, LoHa/LoKr only the kohya (LyCORIS) one.")
+    adapter: str = _f("lora", "Adapter: lora, dora (LoRA plus a learned magnitude per output row, peft's use_dora), loha (LyCORIS Hadamard product) or lokr (LyCORIS Kronecker product).")
+    rank_stabilised: bool = _f(False, "rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank (lora and dora).")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -95,8 +97,19 @@ class LoraConfig:
         if self.rank < 1:
             raise AdaptError(f"--rank must be >= 1, got {self.rank}")
         check_lora_format(self.format, "both")
+        _choice("adapter", self.adapter, tuple(ADAPTER_LAYOUTS))
+        if self.rank_stabilised and self.adapter not in ("lora", "dora"):
+            raise AdaptError(f"--rank-stabilised is for --adapter lora or dora (peft's use_rslora); {self.adapter} "
+                             "has no rank-stabilised scale")
+        for layout in self.layouts:
+            check_adapter_layout(self.adapter, layout)
         if self.alpha is None:
             self.alpha = float(self.rank)
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The LoRA file layouts the run writes: --format, where "both" means every layout the adapter has."""
+        return ADAPTER_LAYOUTS[self.adapter] if self.format == "both" else (self.format,)
 
     @property
     def target_modules(self) -> list[str]:

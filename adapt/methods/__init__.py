@@ -94,7 +94,8 @@ METHODS: dict[str, MethodSpec] = {
     "dreambooth": MethodSpec(
         "adapt.methods.full:FullMethod", ("data", "dreambooth", "lora", "train"), {"lr": 5e-6},
         variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_defaults=False)),
-        help={"lora.rank": _WITH_LORA, "lora.alpha": _WITH_LORA, "lora.targets": _WITH_LORA,
+        help={"lora.rank": _WITH_LORA, "lora.alpha": _WITH_LORA, "lora.targets": _WITH_LORA, "lora.adapter": _WITH_LORA,
+              "lora.rank_stabilised": _WITH_LORA,
               "train.lr": "Peak learning rate. [default: 5e-06 (full UNet), 0.0001 with --lora]"},
         description=DESCRIPTIONS["dreambooth"]),
     "textual-inversion": MethodSpec(
