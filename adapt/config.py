@@ -69,6 +69,15 @@ class DataConfig:
 
 
 LORA_FORMATS = ("diffusers", "kohya")  # LoRA file layouts: diffusers/peft, kohya (ComfyUI, A1111)
+# The layouts each adapter has (a run's "both" writes these): DoRA's and LoHa/LoKr's other layout would be misread.
+ADAPTER_LAYOUTS = {"lora": ("diffusers", "kohya"), "dora": ("diffusers",), "loha": ("kohya",), "lokr": ("kohya",)}
+_NO_LAYOUT = {
+    "kohya": "a DoRA LoRA has no kohya file: A1111 and ComfyUI normalise a kohya dora_scale otherwise than peft's "
+             "DoRA (per input column, or by the base weight's norm), so they would apply it wrongly; use the diffusers layout "
+             "(diffusers' load_lora_weights and adapt generate read it)",
+    "diffusers": "diffusers' load_lora_weights reads no LoHa or LoKr file for Stable Diffusion; use the kohya layout "
+                 "(the LyCORIS file ComfyUI, A1111/Forge and adapt generate read)",
+}
 EMBEDDING_FORMATS = ("diffusers", "a1111")  # textual-inversion files: diffusers, A1111/ComfyUI
 LORA_TARGET_ALIASES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 
@@ -79,7 +88,9 @@ class LoraConfig:
     alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: equal to the rank (scale 1).")
     targets: list[str] = _f(("q", "k"), "UNet attention projections to adapt: any of q,k,v,out (or module names like to_q).", cli=str)
     train_text_encoder: bool = _f(False, "Also put LoRA on the text encoder's q_proj/k_proj.")
-    format: str = _f("both", "LoRA file(s): both, diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI/A1111, <run folder>.safetensors).")
+    format: str = _f("both", "LoRA file(s): both, diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI/A1111, <run folder>.safetensors). DoRA has only the diffusers file, LoHa/LoKr only the kohya (LyCORIS) one.")
+    adapter: str = _f("lora", "Adapter: lora, dora (LoRA plus a learned magnitude per output row, peft's use_dora), loha (LyCORIS Hadamard product) or lokr (LyCORIS Kronecker product).")
+    rank_stabilised: bool = _f(False, "rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank (lora and dora).")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -90,8 +101,19 @@ class LoraConfig:
         if self.rank < 1:
             raise AdaptError(f"--rank must be >= 1, got {self.rank}")
         check_lora_format(self.format, "both")
+        _choice("adapter", self.adapter, tuple(ADAPTER_LAYOUTS))
+        if self.rank_stabilised and self.adapter not in ("lora", "dora"):
+            raise AdaptError(f"--rank-stabilised is for --adapter lora or dora (peft's use_rslora); {self.adapter} "
+                             "has no rank-stabilised scale")
+        for layout in self.layouts:
+            check_adapter_layout(self.adapter, layout)
         if self.alpha is None:
             self.alpha = float(self.rank)
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The LoRA file layouts the run writes: --format, where "both" means every layout the adapter has."""
+        return ADAPTER_LAYOUTS[self.adapter] if self.format == "both" else (self.format,)
 
     @property
     def target_modules(self) -> list[str]:
@@ -290,3 +312,9 @@ def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
 def check_lora_format(fmt: str, *extra: str) -> None:
     """The one check of a LoRA layout name (`extra`: more accepted names, e.g. "both" for a run)."""
     _choice("LoRA format", fmt, (*extra, *LORA_FORMATS))
+
+
+def check_adapter_layout(adapter: str, layout: str) -> None:
+    """The one check that a LoRA variant (lora, dora, loha, lokr) has a file in `layout`."""
+    if layout not in ADAPTER_LAYOUTS[adapter]:
+        raise AdaptError(_NO_LAYOUT[layout])

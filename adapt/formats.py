@@ -4,6 +4,7 @@ A LoRA run writes two small files by default: `pytorch_lora_weights.safetensors`
 layout (with peft's adapter config in `lora_adapter_metadata`, as `save_lora_weights` writes it,
 so `load_lora_weights` rebuilds the same alpha/rank scale) and `<run folder>.safetensors` in
 kohya's layout, the one ComfyUI and A1111/Forge load. The recipe is inside both (`adapt.recipe`).
+A DoRA run writes only the first, a LoHa / LoKr run only the second (config.ADAPTER_LAYOUTS).
 
 Pipeline folders keep the standard CLIP key layout (`text_model.` prefix, as transformers 4.x
 writes it and ComfyUI detects it), which transformers 5 still reads; they keep the base's
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from safetensors import safe_open
 from .fileio import RECIPE_FILE, atomic_dir, atomic_path, write_json
 from .lora_names import module_key
 from .loras import Lora, write_lora
+from .lycoris import MAGNITUDE, SLOTS, from_peft
 from .models import DEFAULTS_FILE
 
 log = logging.getLogger("adapt")
@@ -32,32 +36,46 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 RAW_DIR = "raw"  # with --ema-decay and --save-ema both: the trained (not averaged) weights' artifact
 
 
+_PEFT_KEY = re.compile(rf"^(.+)\.(lora_A|lora_B|{MAGNITUDE}|{'|'.join(SLOTS)})(?:\.weight)?$")
+
+
 def peft_loras(components) -> dict:
-    """The trained peft adapters of the UNet / text encoder as {component.module_path: Lora}."""
+    """The trained peft adapters of the UNet / text encoder as {component.module_path: Lora | Lycoris}:
+    LoRA and DoRA as Lora (rsLoRA's scale alpha / sqrt(r) written as the plain alpha * sqrt(r) / r,
+    so every reader applies it), LoHa and LoKr as lycoris.Lycoris."""
     out = {}
     for prefix in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(components, prefix, None)
         if module is None or not getattr(module, "peft_config", None):
             continue
-        alpha = float(module.peft_config["default"].lora_alpha)
-        state = get_peft_model_state_dict(module)
-        for key, down in state.items():
-            if ".lora_A." in key:
-                path = key.split(".lora_A.")[0]
-                up = state[key.replace(".lora_A.", ".lora_B.")]
-                out[module_key(prefix, path)] = Lora(down.detach().float().cpu(), up.detach().float().cpu(), alpha)
+        cfg = module.peft_config["default"]
+        modules: dict[str, dict] = {}
+        for key, tensor in get_peft_model_state_dict(module).items():
+            path, slot = _PEFT_KEY.match(key).groups()
+            modules.setdefault(path, {})[slot] = tensor.detach().float().cpu()
+        for path, parts in modules.items():
+            out[module_key(prefix, path)] = _from_peft(cfg, parts)
     return out
 
 
-def save_lora(components, out_dir, recipe: dict, fmt: str = "both") -> list[Path]:
+def _from_peft(cfg, parts: dict):
+    algo = cfg.peft_type.value.lower()  # lora (with DoRA), loha, lokr
+    if algo != "lora":
+        return from_peft(algo, parts, cfg.alpha, cfg.r)
+    rank = parts["lora_A"].shape[0]
+    alpha = cfg.lora_alpha * (math.sqrt(rank) if cfg.use_rslora else 1.0)
+    return Lora(parts["lora_A"], parts["lora_B"], float(alpha), parts.get(MAGNITUDE))
+
+
+def save_lora(components, out_dir, recipe: dict, layouts=("diffusers", "kohya")) -> list[Path]:
     """The run's LoRA file(s), each with the recipe inside: diffusers layout as
     `pytorch_lora_weights.safetensors`, kohya layout as `<run folder name>.safetensors` (the name
-    ComfyUI and A1111 show), or both (`fmt`)."""
+    ComfyUI and A1111 show); `layouts` (config.LoraConfig.layouts) says which."""
     out_dir = Path(out_dir)
     loras, meta = peft_loras(components), {"adapt.recipe": json.dumps(recipe, sort_keys=True)}
     written = [write_lora(out_dir / (LORA_FILE if layout == "diffusers" else kohya_file_name(out_dir)), loras, layout, meta,
                           sdxl=components.is_sdxl)
-               for layout in (("diffusers", "kohya") if fmt == "both" else (fmt,))]
+               for layout in layouts]
     write_json(out_dir / RECIPE_FILE, recipe)
     for path in written:
         where = "diffusers' load_lora_weights" if path.name == LORA_FILE else "ComfyUI models/loras, A1111/Forge models/Lora"

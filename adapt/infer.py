@@ -20,6 +20,7 @@ from .fileio import read_safetensors, write_json
 from .images import make_grid, save_image
 from .lora_names import module_key
 from .loras import is_kohya, parse_lora, report_unplaced, write_lora
+from .lycoris import kind
 from .logs import quiet_libraries
 from .models import assemble_pipeline, is_sdxl_folder, model_defaults, resolve_model
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
@@ -49,9 +50,9 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    set_loras(pipe, loras, allow_pickle, lenient)
-    if fuse and loras:
-        pipe.fuse_lora(adapter_names=pipe.get_active_adapters())
+    adapters = set_loras(pipe, loras, allow_pickle, lenient)
+    if fuse and adapters:  # DoRA / LoHa / LoKr files are in the weights already
+        pipe.fuse_lora(adapter_names=adapters)
         pipe.unload_lora_weights()
     for path, token in embeddings:
         load_embedding(pipe, path, token, allow_pickle)
@@ -78,42 +79,71 @@ def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool
     return token
 
 
-def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, lenient: bool = False) -> None:
-    """Apply LoRAs, each with its own weight: W + sum_i w_i * (alpha_i / r_i) * B_i A_i.
+def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, lenient: bool = False) -> list[str]:
+    """Apply LoRAs, each with its own weight: W + sum_i w_i * dW_i; returns the diffusers adapters' names.
 
-    Weight 0 adds exact zeros, so it reproduces the base model bit for bit. A module the model lacks
-    is an error naming the file (with `lenient`, a warning and the module is left out). Kohya files,
-    pickles (only with allow_pickle, tensors only) and files with modules left out are handed to
-    diffusers as our own diffusers-layout copy; errors always name the user's file.
+    Plain LoRA files (dW_i = (alpha_i / r_i) * B_i A_i) load as diffusers adapters. DoRA, LoHa and
+    LoKr files are added into the weights (add_into_weights), their weight scaling each module's
+    whole change as ComfyUI's strength does (diffusers' weight scales only a DoRA's B A, inside
+    its normalisation, so there weight 0 is not the base). Weight 0 adds nothing, so it reproduces
+    the base model bit for bit. A module the model lacks is an error naming the file (with
+    `lenient`, a warning and the module is left out). Kohya files, pickles (only with
+    allow_pickle, tensors only) and files with modules left out are handed to diffusers as our own
+    diffusers-layout copy; errors always name the user's file.
     """
     if not loras:
-        return
+        return []
     # A canonical order: adapters are summed one after the other, and float addition is not
     # associative, so this is what makes the order of --lora flags not matter, bit for bit.
     loras = sorted(loras, key=lambda lw: (str(Path(lw[0]).resolve()), lw[1]))
     modules = model_modules(pipe)
-    names, weights = [], []
+    adapters, into_weights = [], []
+    for path, weight in loras:
+        tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
+        parsed = parse_lora(tensors, meta, path, lenient)
+        fitting = {k: v for k, v in parsed.items() if k in modules}
+        report_unplaced(path, [k for k in parsed if k not in fitting], len(parsed), lenient, "this model", "modules")
+        if not fitting:
+            raise AdaptError(f"LoRA {path} has no module of this model; was it trained on another base model?")
+        if any(kind(lo) != "lora" for lo in fitting.values()):
+            into_weights.append((path, fitting, weight))
+        else:  # diffusers' kohya reader cannot place text-encoder LoRAs without out_proj (e.g. our q/k-only ones)
+            own_copy = bool(meta.get("adapt.pickle") or is_kohya(tensors) or lenient)
+            adapters.append((path, fitting if own_copy else None, weight))
+    add_into_weights(pipe, into_weights)
+    names = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (path, weight) in enumerate(loras):
-            tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
-            parsed = parse_lora(tensors, meta, path, lenient)
-            fitting = {k: v for k, v in parsed.items() if k in modules}
-            report_unplaced(path, [k for k in parsed if k not in fitting], len(parsed), lenient, "this model", "modules")
-            if not fitting:
-                raise AdaptError(f"LoRA {path} has no module of this model; was it trained on another base model?")
-            source = path
-            # diffusers' kohya reader cannot place text-encoder LoRAs without out_proj (e.g. our q/k-only ones)
-            if meta.get("adapt.pickle") or is_kohya(tensors) or lenient:
-                source = write_lora(Path(tmp) / f"{i}.safetensors", fitting)
-            name = f"lora_{i}"
+        for i, (path, fitting, weight) in enumerate(adapters):
+            source = path if fitting is None else write_lora(Path(tmp) / f"{i}.safetensors", fitting)
             try:
-                pipe.load_lora_weights(str(source), adapter_name=name)
+                pipe.load_lora_weights(str(source), adapter_name=f"lora_{i}")
             except (ValueError, RuntimeError, KeyError, TypeError) as e:
                 raise AdaptError(f"LoRA {path} does not fit this model ({str(e).splitlines()[0][:200]}); "
                                  "was it trained on another base model?") from None
-            names.append(name)
-            weights.append(weight)
-    pipe.set_adapters(names, adapter_weights=weights)
+            names.append(f"lora_{i}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=[w for _, _, w in adapters])
+    return names
+
+
+def add_into_weights(pipe, files: list[tuple[str, dict, float]]) -> None:
+    """W <- W + sum_i w_i * dW_i(W) for the (path, modules, weight) of DoRA / LoHa / LoKr files,
+    each change taken against the model's own weight W (so the files' order does not matter)."""
+    modules = {module_key(c, n): m for c in ("unet", "text_encoder", "text_encoder_2")
+               for n, m in (getattr(pipe, c).named_modules() if getattr(pipe, c, None) is not None else ()) if n}
+    with torch.no_grad():
+        for key in sorted({k for _, adapters, w in files if w for k in adapters}):
+            weight = modules[key].weight
+            base = weight.detach().float()
+            total = base.clone()
+            for path, adapters, w in files:
+                if w and key in adapters:
+                    try:
+                        total += w * adapters[key].weight_delta(base)
+                    except ValueError as e:
+                        raise AdaptError(f"LoRA {path} does not fit this model (module {key}: {e}); "
+                                         "was it trained on another base model?") from None
+            weight.copy_(total.to(weight.dtype))
 
 
 def model_modules(pipe) -> set[str]:

@@ -16,8 +16,8 @@ from .fileio import read_safetensors
 from .formats import save_fused_pipeline, write_lora_outputs
 from .infer import load_pipeline
 from .lora_names import is_sdxl
-from .loras import combine, is_kohya, parse_lora, read_lora, reduce_rank, write_lora
-from .lowrank import lora_spectrum, pick_rank, relative_error, worst_modules
+from .loras import combine, is_kohya, parse_lora, read_lora, write_lora
+from .lowrank import lora_spectrum, pick_rank, reduce_rank, relative_error, worst_modules
 from .models import resolve_model
 
 log = logging.getLogger("adapt")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import AdaptError
 from .loras import Lora
 
 
@@ -102,3 +103,14 @@ def worst_modules(spectra: dict[str, Spectrum], ranks: dict[str, int], n: int = 
     errs = {k: math.sqrt(sp.tail(ranks[k]) / sp.energy) if sp.energy > 0 else 0.0 for k, sp in spectra.items()}
     worst = sorted(errs, key=lambda k: -errs[k])[:n]
     return [f"  {errs[k]:.6f}  rank {ranks[k]:>3} of {spectra[k].s.shape[0]:>4}  {k}" for k in worst]
+
+
+def reduce_rank(loras: dict[str, Lora], rank: int) -> tuple[dict[str, Lora], float]:
+    """Best rank-`rank` approximation of each module's update (`merge --rank`: the exact sum's ranks
+    add up), each module at most its own rank; returns the LoRA and the relative error over all
+    modules together."""
+    if rank < 1:
+        raise AdaptError(f"--rank must be >= 1, got {rank}")
+    spectra = {k: lora_spectrum(lo) for k, lo in loras.items()}
+    ranks = {k: min(rank, sp.s.shape[0]) for k, sp in spectra.items()}
+    return {k: sp.lora(ranks[k]) for k, sp in spectra.items()}, relative_error(spectra, ranks)

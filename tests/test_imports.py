@@ -19,7 +19,7 @@ LAYERS = [
     ["__init__", "errors"],
     ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate"],
     ["config", "checks", "recipe"],
-    ["data", "masks", "models", "loras", "lowrank", "embeddings", "formats", "diskcache"],
+    ["data", "masks", "models", "loras", "lycoris", "lowrank", "embeddings", "formats", "diskcache"],
     ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
     ["infer", "checkpoint", "ema", "metrics"],
     ["report", "classimages", "evaluate", "eval_io", "lora_tools", "validation", "extract"],

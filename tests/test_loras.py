@@ -12,7 +12,8 @@ from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
 from adapt.lora_names import from_kohya_name, is_module_key, module_key, to_kohya_name
-from adapt.loras import combine, read_lora, reduce_rank
+from adapt.loras import combine, read_lora
+from adapt.lowrank import reduce_rank
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
@@ -270,7 +271,7 @@ def test_keys_that_fit_no_module_stop_convert_merge_and_generate_unless_lenient(
     tensors = load_file(str(kohya))
     bad = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_qx.lora_down.weight": torch.zeros(1, 32),
            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_qx.lora_up.weight": torch.zeros(32, 1),
-           "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a": torch.zeros(32, 1)}
+           "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.oft_blocks": torch.zeros(32, 1)}
     mixed = tmp_path / "mixed.safetensors"
     save_file({**tensors, **bad}, str(mixed))
     expected = set(read_lora(a)[0])

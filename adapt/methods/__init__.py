@@ -99,6 +99,7 @@ METHODS: dict[str, MethodSpec] = {
         variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_defaults=False)),
         hidden=_NO_EMBEDDING,
         help={"lora.rank": _WITH_LORA, "lora.alpha": _WITH_LORA, "lora.targets": _WITH_LORA, "train.loraplus_ratio": _WITH_LORA,
+              "lora.adapter": _WITH_LORA, "lora.rank_stabilised": _WITH_LORA,
               "train.lr": "Peak learning rate. [default: 5e-06 (full UNet), 0.0001 with --lora]"},
         description=DESCRIPTIONS["dreambooth"]),
     "textual-inversion": MethodSpec(

@@ -1,10 +1,13 @@
 """LoRA: low-rank adapters (peft) on the UNet's attention projections, optionally the text encoder's.
 
-Only the adapter weights train; the base weights are never modified. Saved (formats.save_lora) as
+`--adapter` picks peft's adapter: lora, dora (LoraConfig use_dora), loha (LoHaConfig) or lokr
+(LoKrConfig); `--rank-stabilised` is LoraConfig's use_rslora. Only the adapter weights train; the
+base weights are never modified, and the loop is the same for all. Saved (formats.save_lora) as
 `pytorch_lora_weights.safetensors` in the diffusers/peft key format that
 `StableDiffusionPipeline.load_lora_weights` reads, with peft's adapter config (so alpha != rank
-loads right), and as `<run folder>.safetensors` in the kohya layout ComfyUI and A1111 read; the
-run's recipe is in both files' metadata.
+loads right), and as `<run folder>.safetensors` in the kohya layout ComfyUI and A1111 read (DoRA:
+the diffusers file only; LoHa/LoKr: the kohya/LyCORIS file only); the run's recipe is in the
+files' metadata.
 """
 
 from __future__ import annotations
@@ -26,12 +29,18 @@ class LoraMethod(Method):
         return cls(configs["lora"])
 
     def _config(self, targets):
+        """peft's config of the adapter; each starts as an exact no-op (LoRA/DoRA: zero B, and DoRA's
+        magnitude the weight's own norm; LoHa: zero w2_b; LoKr: zero W1)."""
         # lazy: LIGHT module (plan loads the method class to settle its configs)
+        from peft import LoHaConfig, LoKrConfig
         from peft import LoraConfig as PeftLoraConfig
 
-        # gaussian A, zero B (as diffusers' LoRA examples): the untrained adapter is an exact no-op.
-        return PeftLoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, init_lora_weights="gaussian",
-                              target_modules=targets)
+        cfg = self.cfg
+        if cfg.adapter in ("loha", "lokr"):
+            return (LoHaConfig if cfg.adapter == "loha" else LoKrConfig)(r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
+        # gaussian A, zero B (as diffusers' LoRA examples)
+        return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets,
+                              use_dora=cfg.adapter == "dora", use_rslora=cfg.rank_stabilised)
 
     def prepare(self, components) -> None:
         names = {n.rsplit(".", 1)[-1] for n, _ in components.unet.named_modules()}
@@ -56,4 +65,4 @@ class LoraMethod(Method):
         # lazy: LIGHT module (plan loads the method class to settle its configs)
         from ..formats import save_lora
 
-        save_lora(components, out_dir, recipe, self.cfg.format)
+        save_lora(components, out_dir, recipe, self.cfg.layouts)
