@@ -6,6 +6,7 @@ Each run is short (seconds to ~40 s on 2 CPU cores); fixed seeds make the number
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -89,15 +90,25 @@ def test_base_draws_the_emoji_asked_for():
     assert np.mean([f == m["file"] for (_, f), m in zip(got, metas)]) >= 0.75  # chance 1/16; measured 0.56
 
 
-@UNDERTRAINED
-def test_a_word_the_base_never_learned_does_not_change_what_it_draws():
+@functools.lru_cache(maxsize=1)  # two tests read the same renders
+def _plain_and_rare():
     metas = META[:: 2]
     prompts = [f"an emoji of {m['name']}" for m in metas]
     seeds = list(range(len(metas)))
     plain = _nearest(_render(prompts, seeds), _cells())
     rare = _nearest(_render([p.replace("of ", "of <sks> ") for p in prompts], seeds), _cells())
-    assert np.mean([a[1] == b[1] for a, b in zip(plain, rare)]) >= 0.8  # same emoji retrieved; measured 0.90 (met)
-    assert np.mean([f == m["file"] for (_, f), m in zip(rare, metas)]) >= 0.7  # measured 0.40: why it still fails
+    return metas, plain, rare
+
+
+def test_a_word_the_base_never_learned_does_not_change_what_it_draws():
+    _, plain, rare = _plain_and_rare()
+    assert np.mean([a[1] == b[1] for a, b in zip(plain, rare)]) >= 0.8  # same emoji retrieved; measured 0.90 (old base 0.55)
+
+
+@UNDERTRAINED
+def test_with_a_word_it_never_learned_the_base_still_draws_the_emoji_asked_for():
+    metas, _, rare = _plain_and_rare()
+    assert np.mean([f == m["file"] for (_, f), m in zip(rare, metas)]) >= 0.7  # measured 0.40
 
 
 def test_prompts_without_a_style_vary_across_seeds_and_styles():
