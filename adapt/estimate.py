@@ -27,7 +27,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8"
 PRECISION_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "schedule-free-adamw": 8}  # per trainable param
 # Calibrated by benchmarks/estimate.py on 2 CPU cores (see README "Before a run").
-ACT_BYTES = {"lora": 20.0, "full": 28.0, "embedding": 20.0}    # bytes per unit of activation volume at fp32
+ACT_BYTES = {"lora": 23.0, "full": 24.0, "embedding": 23.0}    # bytes per unit of activation volume at fp32
 CKPT_FRACTION = 0.35
 MEMORY_OVERHEAD = 40 * 2**20                                    # allocator, buffers, autograd graph
 PASSES = {"lora": 2.0, "full": 3.0, "embedding": 2.0}          # forward (1) + backward to inputs (1) + to weights (1)
@@ -111,11 +111,14 @@ def unet_volume(unet: dict, latent_hw: tuple[int, int], levels: int) -> tuple[fl
     return macs, volume
 
 
-def trainable_count(unet: dict, kind: str, targets: list[str], rank: int) -> int:
+def trainable_count(unet: dict, kind: str, targets: list[str], rank: int, text: dict | None = None) -> int:
+    """Parameters with gradients and optimizer state: the UNet (full), the LoRA factors of the targeted
+    Linear layers (lora), or the text encoder's whole token-embedding matrix (embedding: textual
+    inversion trains that tensor and restores the old rows after each step)."""
     if kind == "full":
         return sum(_numel(s) for s, _ in unet.values())
     if kind == "embedding":
-        return 768 * 4
+        return sum(_numel(s) for n, (s, _) in (text or {}).items() if n.endswith("token_embedding.weight"))
     pattern = re.compile(r"\.(" + "|".join(re.escape(t) for t in targets) + r")\.weight$")
     return sum(rank * (s[0] + s[1]) for n, (s, _) in unet.items() if pattern.search(n) and len(s) == 2)
 
@@ -147,7 +150,9 @@ def estimate(model: Path, *, kind: str, resolution: int, batch: int, precision: 
     latent = (resolution // factor, resolution // factor)
     images = batch * (2 if prior else 1)
     macs, volume = unet_volume(unet, latent, levels)
-    n_train = trainable_count(unet, kind, list(targets), rank)
+    text = component_tensors(model, "text_encoder") if kind == "embedding" else None
+    n_train = trainable_count(unet, kind, list(targets), rank, text)
+    keep_encoders = keep_encoders or kind == "embedding"  # its text encoder runs every step
     frozen_bytes = sum(_numel(s) for s, _ in unet.values()) * PRECISION_BYTES[precision] if kind != "full" else 0
     act = ACT_BYTES[kind] * volume * images * (PRECISION_BYTES[precision] / 4 if precision != "no" else 1)
     parts = {
