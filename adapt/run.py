@@ -248,7 +248,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
 
 
 def _inner(optimizer):
-    """The optimizer inside accelerate's wrapper; schedule-free ones (only they) have train() and eval()."""
+    """The optimizer inside accelerate's wrapper; schedule-free ones (only they) have .train() and .eval()."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
