@@ -94,10 +94,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model, 
                 "--caption-dropout", "0.3", "--validation-split", "0.34", "--validation-every", "2", *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(cmd(tmp_path / "one", "--batch-size", "2"), capture_output=True, text=True, env=env)
+    one = subprocess.run(cmd(tmp_path / "one", "--batch-size", "2"), capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(cmd(tmp_path / "two", "--batch-size", "1", "--num-processes", "2"), capture_output=True, text=True,
-                         env=env)
+                         env=env, timeout=600)  # a hung collective fails the test instead of the whole run
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_file(str(tmp_path / "one" / LORA)), load_file(str(tmp_path / "two" / LORA))
     # Equal up to the order of the gradient all-reduce, which Adam's normalisation can amplify to
