@@ -128,8 +128,10 @@ def test_short_lora_moves_images_toward_twemoji_cats(tmp_path):
     base = _render(prompt, list(range(16)))
     rec = model_defaults(BUNDLED_MODEL)["lora"]
     train(load_components(None), LoraMethod(LoraConfig()), instance_examples(CAT, "<sks>", "x"),
-          TrainConfig(steps=rec["steps"] // 2, lr=rec["lr"]), tmp_path, resolution=64, progress=False)
+          TrainConfig(steps=rec["steps"], lr=rec["lr"]), tmp_path, resolution=64, progress=False)
     lora = _render(prompt, list(range(16)), loras=[(str(tmp_path / "pytorch_lora_weights.safetensors"), 1.0)])
+    # the recommended run (benchmarks/learning.py measured 1.000 against the base's 0.000); at half the steps the
+    # margin was thin enough to pass alone and fail in one full-suite run
     assert _twemoji_cat_rate(lora) >= _twemoji_cat_rate(base) + 0.4, (_twemoji_cat_rate(base), _twemoji_cat_rate(lora))
 
 
