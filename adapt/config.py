@@ -163,7 +163,8 @@ class TextualInversionConfig:
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "schedule-free-adamw")
 OPTIMIZER_PACKAGES = {"prodigy": "prodigyopt", "schedule-free-adamw": "schedulefree"}  # optional: pip install "adapt[optimizers]"
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+ADAMW_KERNELS = ("auto", "for", "foreach", "fused")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 LOSSES = ("mse", "huber", "smooth-l1")
 HUBER_SCHEDULES = ("constant", "snr", "exponential")
@@ -188,7 +189,12 @@ class TrainConfig:
                                "(16 is the LoRA+ paper's choice; 1 = plain LoRA).")
     weight_decay: float = _f(1e-2, "Weight decay (decoupled, as AdamW's, with every --optimizer).", recipe_only=True)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
-    mixed_precision: str = _f("no", "no | fp16 | bf16. Frozen weights run in this dtype; trainable weights stay fp32.")
+    mixed_precision: str = _f("auto", "auto | no | fp16 | bf16. Frozen weights and activations in this dtype; trainable weights "
+                              "stay fp32. auto: bf16 on GPUs of compute capability >= 8 and on CPUs with AMX/AVX512-BF16 "
+                              "for SD-sized UNets, fp16 on older GPUs, else no (fp32); the run's first lines say which and why.")
+    compile: bool = _f(False, "torch.compile the UNet (inductor): the first steps are slow while it compiles.")
+    channels_last: bool = _f(False, "Keep the UNet's weights and activations in channels-last memory layout.")
+    adamw_kernel: str = _f("auto", "torch AdamW's implementation: auto (torch's choice), for, foreach or fused.", recipe_only=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
     cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
     cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")
@@ -223,6 +229,7 @@ class TrainConfig:
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("mixed precision", self.mixed_precision, PRECISIONS)
+        _choice("AdamW kernel", self.adamw_kernel, ADAMW_KERNELS)
         _choice("lr scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("loss", self.loss, LOSSES)
         _choice("huber schedule", self.huber_schedule, HUBER_SCHEDULES)

@@ -7,12 +7,15 @@ epochs, resolution) and an estimate of peak memory and time per step on this dev
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .data import instance_examples
-from .estimate import estimate
+from .estimate import component_tensors, estimate
 from .models import native_resolution, resolve_model
 from .plan import Plan
+from .precision import choose_for
 from .recipe import describe
 
 KINDS = {"LoraMethod": "lora", "FullMethod": "full", "TextualInversionMethod": "embedding"}
@@ -51,14 +54,16 @@ def estimate_lines(plan: Plan, model, resolution: int, prior: bool) -> list[str]
     lora = plan.configs.get("lora")
     device, gpu = device_name()
     try:
-        est = estimate(model, kind=kind, resolution=resolution, batch=cfg.batch_size, precision=cfg.mixed_precision,
+        unet_params = sum(math.prod(shape) for shape, _ in component_tensors(model, "unet").values())
+        precision, why = choose_for(cfg.mixed_precision, device, unet_params)
+        est = estimate(model, kind=kind, resolution=resolution, batch=cfg.batch_size, precision=precision,
                        optimizer=cfg.optimizer, targets=tuple(lora.target_modules) if lora else (), rank=lora.rank if lora else 4,
                        checkpointing=cfg.gradient_checkpointing, device=device, gpu_name=gpu, prior=prior,
                        keep_encoders=not cfg.cache_latents or bool(cfg.validation_prompt),
                        ema=cfg.ema_decay > 0 and not cfg.ema_on_cpu)
     except (OSError, KeyError, ValueError) as e:
         return [f"estimate: not available for this model ({e})"]
-    where = f"{device}{f' ({gpu})' if gpu else ''}, {cfg.mixed_precision if cfg.mixed_precision != 'no' else 'fp32'}"
+    where = f"{device}{f' ({gpu})' if gpu else ''}, {precision if precision != 'no' else 'fp32'} ({why})"
     parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in est.parts.items())
     total = est.seconds_per_step * cfg.steps * cfg.grad_accum
     note = "calibrated on measured CPU runs" if est.calibrated else "UNCALIBRATED: spec-sheet throughput, no run on this GPU measured"

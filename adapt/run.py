@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -26,6 +26,7 @@ from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
 from .logs import check_installed, optional_import
 from .masks import latent_masks
+from .precision import choose_for
 from .validation import HeldOut, fixed_set, restore
 
 log = logging.getLogger("adapt")
@@ -88,6 +89,7 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     held = list(validation or [])
     if not examples:
         raise AdaptError("no training examples; pass --images DIR with at least one image")
+    cfg = settle_precision(cfg, components)
     accelerator = make_accelerator(cfg, out_dir)
     set_seed(cfg.seed)
     params = trainable_parameters(components, method, cfg, accelerator.device)
@@ -132,6 +134,14 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     return run
 
 
+def settle_precision(cfg: TrainConfig, components) -> TrainConfig:
+    """The config with --mixed-precision auto resolved for this device and UNet (precision.py), logged."""
+    unet_params = sum(p.numel() for p in components.unet.parameters())
+    precision, why = choose_for(cfg.mixed_precision, PartialState().device, unet_params)
+    log.info("precision: %s (%s)", "fp32" if precision == "no" else precision, why)
+    return cfg if precision == cfg.mixed_precision else replace(cfg, mixed_precision=precision)
+
+
 def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
     # accelerate keeps one process-wide state; reset its precision part so several runs (tests,
     # notebooks) can use different --mixed-precision in one process. The distributed part stays.
@@ -158,6 +168,10 @@ def trainable_parameters(c, method, cfg: TrainConfig, device) -> list:
         for name in method.trainable_modules:
             m = getattr(c, name)
             (m.enable_gradient_checkpointing if hasattr(m, "enable_gradient_checkpointing") else m.gradient_checkpointing_enable)()
+    if cfg.channels_last:
+        c.unet.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        c.unet.compile()  # in place: the module, its parameter names and what saves it stay the same
     return params
 
 
@@ -244,7 +258,8 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
         except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels
             raise AdaptError(f"--optimizer adamw8bit needs a working bitsandbytes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                              "install a build for your GPU or use --optimizer adamw") from None
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
+    kernel = {"auto": {}, "for": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.adamw_kernel]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd, **kernel)
 
 
 def _inner(optimizer):

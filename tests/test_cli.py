@@ -42,7 +42,7 @@ def test_help_and_argument_errors_do_not_import_torch(argv, code):
     (["lora", "--images", "IMAGES", "--token", "<my token>"], "contains whitespace"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--model", "/no/such/model"], "does not exist"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--optimizer", "sgd"], "choose one of: adamw, adamw8bit"),
-    (["lora", "--images", "IMAGES", "--token", "<sks>", "--mixed-precision", "fp8"], "choose one of: no, fp16, bf16"),
+    (["lora", "--images", "IMAGES", "--token", "<sks>", "--mixed-precision", "fp8"], "choose one of: auto, no, fp16, bf16"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--resume", "latest"], "--resume needs --output"),
     (["generate", "x", "--lora", "/no/such.safetensors:0.5"], "not found"),
     (["generate", "x", "--size", "30"], "multiple of 8"),

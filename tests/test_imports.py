@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adapt"
 # Lower levels never import higher ones. Same level: allowed, but no cycles.
 LAYERS = [
     ["__init__", "errors"],
-    ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate"],
+    ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate", "precision"],
     ["config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "lycoris", "lowrank", "embeddings", "formats", "diskcache"],
     ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],

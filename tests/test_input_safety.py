@@ -110,7 +110,7 @@ def test_unknown_names_list_the_valid_ones(concept_dir):
     result = CliRunner().invoke(cli_app, ["finetune"])
     assert result.exit_code == 2 and "choose one of: lora, dreambooth, textual-inversion" in result.output
     for argv, valid in [(["--format", "ckpt"], "diffusers, kohya"), (["--lr-scheduler", "step"], "constant"),
-                        (["--mixed-precision", "fp8"], "no, fp16, bf16")]:
+                        (["--mixed-precision", "fp8"], "auto, no, fp16, bf16")]:
         code, log = run("lora", "--images", concept_dir, "--token", "<sks>", *argv)
         assert code == 2 and valid in log, log
 

@@ -1,0 +1,63 @@
+"""`--mixed-precision auto`: the precision a run computes in on this device, and why.
+
+auto picks bf16 where the device runs it natively: GPUs of compute capability >= 8.0 (Ampere and
+newer), and CPUs with AMX or AVX512-BF16 for UNets of at least `CPU_BF16_MIN_PARAMS` parameters;
+fp16 (with fp32 master weights, run.place_for_training) on older GPUs; fp32 ("no") otherwise. On
+CPU the size matters: bf16 autocast pays on SD-sized convolutions and attention, while a small UNet
+spends more on casting than it gains (measured with benchmarks/compare.py; README "Speed").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_BF16_MIN_PARAMS = 300_000_000  # SD 1.5's UNet is 860M; the bundled base's 21M trains faster in fp32 on CPU
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The native-bf16 instruction sets this CPU reports (Linux /proc/cpuinfo; [] elsewhere)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def choose(requested: str, device_type: str, unet_params: int, *, cuda_capability: tuple[int, int] | None = None,
+           gpu_name: str = "", cpu_flags: list[str] | None = None) -> tuple[str, str]:
+    """(precision: "no" | "fp16" | "bf16", why) for `--mixed-precision requested` on a device of this type."""
+    if requested != "auto":
+        return requested, "--mixed-precision " + requested
+    if device_type == "cuda":
+        major, minor = cuda_capability or (0, 0)
+        gpu = f"{gpu_name or 'this GPU'} (compute capability {major}.{minor})"
+        if major >= 8:
+            return "bf16", f"auto: {gpu} runs bf16 natively"
+        return "fp16", f"auto: {gpu} has no fast bf16; fp16 compute, fp32 master weights, loss scaling"
+    if device_type != "cpu":
+        return "no", f"auto: fp32 on {device_type} (adapt has measured no faster precision there)"
+    flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
+    if not flags:
+        return "no", "auto: this CPU has no native bf16 (no AMX / AVX512-BF16)"
+    if unet_params < CPU_BF16_MIN_PARAMS:
+        return "no", (f"auto: this CPU runs bf16 natively ({', '.join(flags)}), but a {unet_params / 1e6:.0f}M-parameter UNet "
+                      f"trains faster in fp32 on CPU (bf16 from {CPU_BF16_MIN_PARAMS / 1e6:.0f}M)")
+    return "bf16", f"auto: this CPU runs bf16 natively ({', '.join(flags)})"
+
+
+def choose_for(requested: str, device, unet_params: int) -> tuple[str, str]:
+    """`choose` for a torch device (asks torch about a GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and requested == "auto":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return choose(requested, "cuda", unet_params, cuda_capability=torch.cuda.get_device_capability(index),
+                      gpu_name=torch.cuda.get_device_name(index))
+    return choose(requested, device.type, unet_params)

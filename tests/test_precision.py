@@ -1,0 +1,113 @@
+"""--mixed-precision auto (precision.py) and the layout / compile / AdamW-kernel options: what each
+picks, that the run says so, and that the options train the same weights (compile: the same
+within float tolerance)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from adapt import precision
+from adapt.config import LoraConfig, TrainConfig
+from adapt.data import instance_examples
+from adapt.errors import AdaptError
+from adapt.methods.lora import LoraMethod
+from adapt.models import load_components
+from adapt.run import make_optimizer
+from adapt.train import train
+
+SD15_PARAMS = 859_520_964
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+
+
+@pytest.mark.parametrize("device, params, capability, flags, picked", [
+    ("cuda", SD15_PARAMS, (8, 0), None, "bf16"),     # A100
+    ("cuda", SD15_PARAMS, (9, 0), None, "bf16"),     # H100
+    ("cuda", SD15_PARAMS, (7, 5), None, "fp16"),     # T4: fp16 with fp32 master weights
+    ("cuda", 1_000_000, (6, 1), None, "fp16"),
+    ("cpu", SD15_PARAMS, None, ["amx_bf16", "avx512_bf16"], "bf16"),
+    ("cpu", SD15_PARAMS, None, ["avx512_bf16"], "bf16"),
+    ("cpu", 21_000_000, None, ["amx_bf16"], "no"),   # a small UNet: fp32 is faster on CPU
+    ("cpu", SD15_PARAMS, None, [], "no"),            # no native bf16
+    ("mps", SD15_PARAMS, None, None, "no"),
+])
+def test_auto_picks_by_device(device, params, capability, flags, picked):
+    got, why = precision.choose("auto", device, params, cuda_capability=capability, gpu_name="GPU", cpu_flags=flags)
+    assert got == picked
+    assert why.startswith("auto: ") and len(why) > 20
+
+
+@pytest.mark.parametrize("asked", ["no", "fp16", "bf16"])
+def test_an_explicit_precision_is_kept(asked):
+    assert precision.choose(asked, "cpu", SD15_PARAMS, cpu_flags=["amx_bf16"])[0] == asked
+    assert precision.choose(asked, "cuda", SD15_PARAMS, cuda_capability=(9, 0))[0] == asked
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    assert precision.cpu_bf16_flags(CPUINFO) == ["amx_bf16", "avx512_bf16"]
+    assert precision.cpu_bf16_flags("flags\t: fpu avx2 avx512f\n") == []
+    assert precision.cpu_bf16_flags("flags : avx512_bf16x\n") == []  # whole flags only
+
+
+def test_auto_is_the_default_and_a_run_says_what_it_chose(tiny_model, concept_dir, tmp_path, monkeypatch, caplog):
+    assert TrainConfig().mixed_precision == "auto"
+    examples = instance_examples(concept_dir, "<sks>", "a photo of {token}")
+    # this UNet counts as SD-sized and the CPU as bf16-capable: auto must then train in bf16
+    monkeypatch.setattr(precision, "CPU_BF16_MIN_PARAMS", 0)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    c = load_components(tiny_model)
+    with caplog.at_level(logging.INFO, logger="adapt"):
+        train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=2), tmp_path / "a", resolution=16, progress=False)
+    assert "precision: bf16 (auto: this CPU runs bf16 natively (amx_bf16))" in caplog.text
+    frozen = [p.dtype for n, p in c.unet.named_parameters() if "lora_" not in n]
+    assert set(frozen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for n, p in c.unet.named_parameters() if "lora_" in n)
+    # without native bf16, auto trains in fp32
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    c = load_components(tiny_model)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="adapt"):
+        train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=2), tmp_path / "b", resolution=16, progress=False)
+    assert "precision: fp32 (auto: this CPU has no native bf16" in caplog.text
+    assert {p.dtype for p in c.unet.parameters()} == {torch.float32}
+
+
+def _lora_after(tiny_model, examples, tmp_path, **options) -> dict:
+    c = load_components(tiny_model)
+    train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=3, mixed_precision="no", **options),
+          tmp_path / "_".join(map(str, options.values())), resolution=16, progress=False)
+    layout = torch.channels_last if options.get("channels_last") else torch.contiguous_format
+    assert c.unet.conv_in.weight.is_contiguous(memory_format=layout)
+    return {n: p.detach().clone() for n, p in c.unet.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("kernel, flags", [("auto", {"foreach": None, "fused": None}), ("for", {"foreach": False}),
+                                           ("foreach", {"foreach": True}), ("fused", {"fused": True})])
+def test_adamw_kernel_reaches_the_optimizer(kernel, flags):
+    opt = make_optimizer(TrainConfig(adamw_kernel=kernel), [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}])
+    assert {k: opt.defaults[k] for k in flags} == flags
+
+
+def test_layout_and_adamw_kernels_train_the_same_weights(tiny_model, concept_dir, tmp_path):
+    examples = instance_examples(concept_dir, "<sks>", "a photo of {token}")
+    plain = _lora_after(tiny_model, examples, tmp_path, adamw_kernel="for")
+    for options in ({"adamw_kernel": "foreach"}, {"adamw_kernel": "fused"}, {"channels_last": True}):
+        other = _lora_after(tiny_model, examples, tmp_path, **options)
+        assert other.keys() == plain.keys()
+        moved = max((plain[k] - other[k]).abs().max().item() for k in plain)
+        assert moved < 1e-5, (options, moved)
+    with pytest.raises(AdaptError, match="unknown AdamW kernel 'fast'"):
+        TrainConfig(adamw_kernel="fast")
+
+
+def test_compile_compiles_the_unet_in_place(tiny_model):
+    """--compile compiles the UNet module itself (its parameter names, checkpoints and saving stay as they are);
+    compiling takes minutes on CPU, so the training it gives is measured in benchmarks/compare.py, not here."""
+    from adapt.run import trainable_parameters
+
+    c = load_components(tiny_model)
+    trainable_parameters(c, LoraMethod(LoraConfig()), TrainConfig(compile=True, mixed_precision="no"), torch.device("cpu"))
+    assert c.unet._compiled_call_impl is not None
+    assert not any("_orig_mod" in n for n, _ in c.unet.named_parameters())
