@@ -13,12 +13,12 @@ name means the same sampler whatever the base model's config happens to carry.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from adapt.errors import AdaptError
+from adapt.logs import check_installed
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import SchedulerMixin
@@ -146,11 +146,8 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> "SchedulerMixin":
     when building LCM) are dropped here rather than logged by diffusers as a warning.
     """
     spec = check_scheduler(name)
-    missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        raise AdaptError(
-            f"scheduler {name!r} needs {', '.join(missing)}; install it with `pip install {' '.join(missing)}`"
-        )
+    for module in spec.requires:
+        check_installed(module, f"scheduler {name!r}")
 
     import diffusers  # lazy: cli and config import this module before argument errors
 
