@@ -182,7 +182,7 @@ def test_kill_during_the_final_save(tiny_model, concept_dir, reference, tmp_path
 
 def test_a_live_run_holds_its_folder_and_a_killed_runs_lock_is_taken_over(tiny_model, concept_dir, tmp_path, fault,
                                                                          monkeypatch, caplog):
-    import adapt.models
+    import adapt.launch  # imported now, so the patch below meets the name the run calls, alone or in a suite
 
     out = tmp_path / "run"
     holder = start(lora_args(concept_dir, tiny_model, out, "--steps", "100000", "--checkpoint-every", "10"))
@@ -191,7 +191,7 @@ def test_a_live_run_holds_its_folder_and_a_killed_runs_lock_is_taken_over(tiny_m
     def never(*a, **k):
         raise AssertionError("the refused run loaded a model")
 
-    monkeypatch.setattr(adapt.models, "load_components", never)
+    monkeypatch.setattr(adapt.launch, "load_components", never)
     result = CliRunner().invoke(app, lora_args(concept_dir, tiny_model, out, "--steps", "100000")[1:])
     assert result.exit_code == 2 and f"is in use by PID {holder.pid}, a training run" in result.output
     monkeypatch.undo()
