@@ -18,9 +18,6 @@ from .plan import Plan
 from .precision import choose_for
 from .recipe import describe
 
-KINDS = {"LoraMethod": "lora", "FullMethod": "full", "TextualInversionMethod": "embedding"}
-
-
 def device_name() -> tuple[str, str]:
     """("cuda" | "cpu", the GPU's name or "")."""
     if torch.cuda.is_available():
@@ -50,7 +47,7 @@ def dry_run(plan: Plan) -> list[str]:
 
 def estimate_lines(plan: Plan, model, resolution: int, prior: bool) -> list[str]:
     cfg = plan.configs["train"]
-    kind = KINDS.get(plan.spec.target.split(":")[-1], "lora")
+    kind = plan.spec.load().estimate_kind
     lora = plan.configs.get("lora")
     device, gpu = device_name()
     try:

@@ -3,6 +3,7 @@
 A method has
     trainable_modules: names of the Components fields that hold trainable weights (accelerate wraps
                        these; the text encoder is cached and freed only when it is not listed),
+    estimate_kind: what --dry-run's memory and time estimate models: "lora", "full" or "embedding",
     prepare(components): add adapters / new tokens before training (default: nothing),
     trainable_parameters(components) -> list of parameters the optimizer updates,
     parameter_groups(components) -> {group: parameters}: which learning rate each of them takes
@@ -113,6 +114,7 @@ METHODS: dict[str, MethodSpec] = {
 
 class Method:
     trainable_modules: tuple[str, ...] = ("unet",)
+    estimate_kind: str = "lora"  # what --dry-run's estimate models (estimate.ACT_BYTES): lora, full or embedding
 
     @classmethod
     def from_configs(cls, configs: dict) -> "Method":

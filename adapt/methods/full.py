@@ -9,6 +9,8 @@ from . import Method
 
 
 class FullMethod(Method):
+    estimate_kind = "full"
+
     def __init__(self, train_text_encoder: bool = False):
         self.train_text_encoder = train_text_encoder
         self.trainable_modules = ("unet", "text_encoder") if train_text_encoder else ("unet",)

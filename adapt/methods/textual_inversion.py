@@ -56,6 +56,8 @@ def init_token_id(tokenizer, init_token: str) -> int:
 class TextualInversionMethod(Method):
     """One new embedding row block per text encoder (SDXL: both, saved as clip_l / clip_g)."""
 
+    estimate_kind = "embedding"
+
     def __init__(self, cfg: TextualInversionConfig, token: str):
         """`cfg` is checked when built (config.py); `token` is the new word ([data] token)."""
         self.token, self.init_token = token, cfg.init_token
