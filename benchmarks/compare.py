@@ -177,6 +177,7 @@ def measure(spec: dict) -> dict:
         c = load_components(None)
     else:
         c = _components(spec["model"])
+    spec = {**spec, "unet_params": sum(p.numel() for p in c.unet.parameters())}  # before any adapter
     total = spec["warmup"] + spec["steps"]
     if spec["mode"] == "adapt":
         times = adapt_loop(c, spec["method"], spec["res"], spec["precision"], total, spec.get("options", {}))
@@ -217,6 +218,29 @@ def report(results: dict) -> None:
             print(f"{method:<10} {res:>4} {prec:<5} {mode:<22} {s:>7.2f} {spread:>13} {mem:>8.0f} {vs_ref:>7} {vs_bare:>7} {mem_ref:>10}")
 
 
+def headline(results: dict) -> None:
+    """adapt at its defaults (--mixed-precision auto on this machine) against the reference at its own (fp32)."""
+    from adapt.precision import choose
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for (method, res, prec), by_mode in results.items():
+        if prec != "fp32" or "error" in by_mode["reference"][0]:
+            continue
+        params = by_mode["reference"][0]["unet_params"]
+        picked = choose("auto", device, params)[0]
+        auto = "fp32" if picked == "no" else picked
+        adapt = results.get((method, res, auto), {}).get("adapt")
+        if not adapt or "error" in adapt[0]:
+            print(f"{method} {res} px: adapt at auto = {auto} was not measured")
+            continue
+        ref = by_mode["reference"]
+        print(f"{method} {res} px: adapt at its defaults (auto = {auto}) / the reference at its defaults (fp32): "
+              f"step {_median(adapt, 'median_s') / _median(ref, 'median_s'):.2f}x, "
+              f"peak memory {_median(adapt, 'peak_mb') / _median(ref, 'peak_mb'):.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="lora,dreambooth")
@@ -253,6 +277,8 @@ def main() -> None:
             results.setdefault((spec["method"], spec["res"], spec["precision"]), {}).setdefault(spec["label"], []).append(r)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
     report(results)
+    print()
+    headline(results)
 
 
 if __name__ == "__main__":
