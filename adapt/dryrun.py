@@ -15,7 +15,7 @@ from .models import native_resolution, resolve_model
 from .plan import Plan
 from .recipe import describe
 
-KINDS = {"LoraMethod": "lora", "FullMethod": "full", "TextualInversionMethod": "embedding"}
+KINDS = {"LoraMethod": "lora", "FullMethod": "full", "TextualInversionMethod": "embedding", "PivotalMethod": "pivotal"}
 
 
 def device_name() -> tuple[str, str]:
