@@ -91,6 +91,12 @@ class LoraConfig:
     format: str = _f("both", "LoRA file(s): both, diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI/A1111, <run folder>.safetensors). DoRA has only the diffusers file, LoHa/LoKr only the kohya (LyCORIS) one.")
     adapter: str = _f("lora", "Adapter: lora, dora (LoRA plus a learned magnitude per output row, peft's use_dora), loha (LyCORIS Hadamard product) or lokr (LyCORIS Kronecker product).")
     rank_stabilised: bool = _f(False, "rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank (lora and dora).")
+    pivotal: bool = _f(False, "Pivotal tuning: also learn the token as a new word (its embedding, as textual inversion does) together "
+                       "with the LoRA; the embedding is saved beside the LoRA file and inside the kohya one. Needs --init-token.")
+    init_token: str | None = _f(None, "With --pivotal: an existing single-token word the new embedding starts from, e.g. 'cat'.")
+    num_vectors: int = _f(1, "With --pivotal: embedding vectors for the token (more = more capacity; token, token_1, ...).")
+    embedding_steps_fraction: float = _f(1.0, "With --pivotal: the embedding learns during this fraction of the steps, then "
+                                         "stays as it is (learning rate 0) while the LoRA goes on; 1 = the whole run.")
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -107,6 +113,12 @@ class LoraConfig:
                              "has no rank-stabilised scale")
         for layout in self.layouts:
             check_adapter_layout(self.adapter, layout)
+        if self.num_vectors < 1 or not 0.0 < self.embedding_steps_fraction <= 1.0:
+            raise AdaptError(f"--num-vectors must be >= 1 and --embedding-steps-fraction in (0, 1], got {self.num_vectors} "
+                             f"and {self.embedding_steps_fraction}")
+        if not self.pivotal and (self.init_token, self.num_vectors, self.embedding_steps_fraction) != (None, 1, 1.0):
+            raise AdaptError("--init-token, --num-vectors and --embedding-steps-fraction are for pivotal tuning; add --pivotal "
+                             "(a LoRA that learns the token's embedding too) or drop them")
         if self.alpha is None:
             self.alpha = float(self.rank)
 

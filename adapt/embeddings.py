@@ -15,6 +15,11 @@ from .fileio import RECIPE_FILE, atomic_path, read_safetensors, write_json
 log = logging.getLogger("adapt")
 
 EMBEDS_FILE = "learned_embeds.safetensors"
+EMBEDDING_META = "adapt.embedding"  # a pivotal-tuning LoRA file's metadata: the file name of its embedding, beside it
+# An embedding inside a LoRA file, as A1111 reads it (extensions-builtin/Lora/networks.py, load_network: a key
+# `bundle_emb.<name>.<rest>` is split at its first two dots; `string_to_param.*` or `clip_l` + `clip_g` are then
+# read by modules/textual_inversion/textual_inversion.py, create_embedding_from_data); <name> is the prompt word.
+BUNDLE_PREFIX = "bundle_emb."
 
 
 def save_embedding(embeds: dict, token: str, out_dir: Path, recipe: dict, formats=("diffusers",)) -> list[Path]:
@@ -69,3 +74,47 @@ def read_embedding(path: str | Path, token: str | None = None, allow_pickle: boo
         return token or name, emb
     raise AdaptError(f"{path} is not a textual-inversion embedding (expected one tensor, or 'emb_params'; "
                      f"found {', '.join(sorted(tensors))[:120]})")
+
+
+def bundle_tensors(token: str, embeds: dict) -> dict:
+    """The kohya LoRA file's keys for a pivotal run's embedding (`embeds` as save_embedding's): SD 1.x/2.x
+    `bundle_emb.<token>.string_to_param.*` [N, dim]; SDXL `bundle_emb.<token>.clip_l` and `.clip_g`."""
+    if "text_encoder_2" in embeds:
+        return {f"{BUNDLE_PREFIX}{token}.clip_l": embeds["text_encoder"], f"{BUNDLE_PREFIX}{token}.clip_g": embeds["text_encoder_2"]}
+    return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": embeds["text_encoder"]}
+
+
+def bundled_embeddings(tensors: dict) -> dict:
+    """{prompt word: tensor [N, dim] (or SDXL's {"text_encoder": clip_l, "text_encoder_2": clip_g})} of the
+    embeddings bundled in a LoRA file's tensors, read as A1111 reads them (BUNDLE_PREFIX)."""
+    found: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            name, _, part = key[len(BUNDLE_PREFIX):].partition(".")
+            found.setdefault(name, {})[part] = tensor
+    out = {}
+    for name, parts in found.items():
+        if {"clip_l", "clip_g"} <= parts.keys():
+            out[name] = {"text_encoder": parts["clip_l"], "text_encoder_2": parts["clip_g"]}
+        elif len(parts) == 1:  # string_to_param.* (or another single tensor, which A1111 also takes)
+            out[name] = next(iter(parts.values()))
+        else:
+            raise AdaptError(f"the LoRA file's bundled embedding {name!r} has parts {', '.join(sorted(parts))}; expected "
+                             "string_to_param.* (SD 1.x/2.x) or clip_l and clip_g (SDXL)")
+    return out
+
+
+def lora_embeddings(path, tensors: dict, meta: dict, allow_pickle: bool = False) -> list[tuple[str, object, str]]:
+    """[(token, embedding, where it came from)] that a pivotal-tuning LoRA file brings: bundled in it (kohya
+    file), else the file its metadata names (EMBEDDING_META), which must lie beside it (diffusers file)."""
+    bundled = bundled_embeddings(tensors)
+    if bundled:
+        return [(name, emb, f"{path} (bundled)") for name, emb in bundled.items()]
+    if not meta.get(EMBEDDING_META):
+        return []
+    beside = Path(path).parent / Path(meta[EMBEDDING_META]).name  # a name, never a path elsewhere (the file is untrusted)
+    if not beside.is_file():
+        raise AdaptError(f"LoRA {path} was trained with its token's embedding, {beside.name}, which is not beside it; "
+                         f"copy {beside.name} from the run folder next to the LoRA file")
+    token, emb = read_embedding(beside, allow_pickle=allow_pickle)
+    return [(token, emb, str(beside))]

@@ -27,10 +27,11 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8"
 PRECISION_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "schedule-free-adamw": 8}  # per trainable param
 # Calibrated by benchmarks/estimate.py on 2 CPU cores (see README "Before a run").
-ACT_BYTES = {"lora": 23.0, "full": 24.0, "embedding": 23.0}    # bytes per unit of activation volume at fp32
+ACT_BYTES = {"lora": 23.0, "full": 24.0, "embedding": 23.0,    # bytes per unit of activation volume at fp32
+             "pivotal": 23.0}                                   # LoRA + embedding: LoRA's (not measured on its own)
 CKPT_FRACTION = 0.35
 MEMORY_OVERHEAD = 40 * 2**20                                    # allocator, buffers, autograd graph
-PASSES = {"lora": 2.0, "full": 3.0, "embedding": 2.0}          # forward (1) + backward to inputs (1) + to weights (1)
+PASSES = {"lora": 2.0, "full": 3.0, "embedding": 2.0, "pivotal": 2.0}  # forward (1) + backward to inputs (1) + to weights (1)
 CPU_MACS_PER_S = {"no": 60e9, "bf16": 80e9, "fp16": 60e9}  # bf16: from the issue's 4.9 -> 3.6 s (not measured here)
 OVERHEAD_S = 0.02
 # Dense fp16/bf16 tensor throughput (MAC/s = FLOP/s / 2) by GPU name, at an assumed 35% efficiency.
@@ -114,7 +115,9 @@ def unet_volume(unet: dict, latent_hw: tuple[int, int], levels: int) -> tuple[fl
 def trainable_count(unet: dict, kind: str, targets: list[str], rank: int, text: dict | None = None) -> int:
     """Parameters with gradients and optimizer state: the UNet (full), the LoRA factors of the targeted
     Linear layers (lora), or the text encoder's whole token-embedding matrix (embedding: textual
-    inversion trains that tensor and restores the old rows after each step)."""
+    inversion trains that tensor and restores the old rows after each step), or both (pivotal)."""
+    if kind == "pivotal":
+        return trainable_count(unet, "lora", targets, rank) + trainable_count(unet, "embedding", targets, rank, text)
     if kind == "full":
         return sum(_numel(s) for s, _ in unet.values())
     if kind == "embedding":
@@ -137,7 +140,7 @@ def estimate(model: Path, *, kind: str, resolution: int, batch: int, precision: 
              targets: tuple[str, ...] = ("to_q", "to_k"), rank: int = 4, checkpointing: bool = False,
              device: str = "cpu", gpu_name: str = "", prior: bool = False, keep_encoders: bool = False,
              ema: bool = False) -> Estimate:
-    """Peak memory and time per step of training `model` this way. `kind`: lora | full | embedding;
+    """Peak memory and time per step of training `model` this way. `kind`: lora | full | embedding | pivotal;
     `prior`: prior preservation doubles the images per step; `keep_encoders`: the VAE and text
     encoders stay loaded while training (no cache, validation renders); `ema`: a moving average of
     the trainable weights on the device (one more fp32 copy)."""
@@ -150,9 +153,9 @@ def estimate(model: Path, *, kind: str, resolution: int, batch: int, precision: 
     latent = (resolution // factor, resolution // factor)
     images = batch * (2 if prior else 1)
     macs, volume = unet_volume(unet, latent, levels)
-    text = component_tensors(model, "text_encoder") if kind == "embedding" else None
+    text = component_tensors(model, "text_encoder") if kind in ("embedding", "pivotal") else None
     n_train = trainable_count(unet, kind, list(targets), rank, text)
-    keep_encoders = keep_encoders or kind == "embedding"  # its text encoder runs every step
+    keep_encoders = keep_encoders or kind in ("embedding", "pivotal")  # its text encoder runs every step
     frozen_bytes = sum(_numel(s) for s, _ in unet.values()) * PRECISION_BYTES[precision] if kind != "full" else 0
     act = ACT_BYTES[kind] * volume * images * (PRECISION_BYTES[precision] / 4 if precision != "no" else 1)
     parts = {

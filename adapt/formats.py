@@ -24,6 +24,7 @@ import safetensors.torch  # save_file looked up at call time (tests patch it)
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
+from .embeddings import EMBEDDING_META, EMBEDS_FILE, bundle_tensors, save_embedding
 from .fileio import RECIPE_FILE, atomic_dir, atomic_path, write_json
 from .lora_names import module_key
 from .loras import Lora, write_lora
@@ -67,14 +68,19 @@ def _from_peft(cfg, parts: dict):
     return Lora(parts["lora_A"], parts["lora_B"], float(alpha), parts.get(MAGNITUDE))
 
 
-def save_lora(components, out_dir, recipe: dict, layouts=("diffusers", "kohya")) -> list[Path]:
+def save_lora(components, out_dir, recipe: dict, layouts=("diffusers", "kohya"), embedding: tuple | None = None) -> list[Path]:
     """The run's LoRA file(s), each with the recipe inside: diffusers layout as
     `pytorch_lora_weights.safetensors`, kohya layout as `<run folder name>.safetensors` (the name
-    ComfyUI and A1111 show); `layouts` (config.LoraConfig.layouts) says which."""
+    ComfyUI and A1111 show); `layouts` (config.LoraConfig.layouts) says which. `embedding`: a pivotal
+    run's (token, {encoder: [N, dim]}), written beside them as learned_embeds.safetensors (which the
+    diffusers file's metadata names) and bundled inside the kohya file, where A1111 reads it."""
     out_dir = Path(out_dir)
     loras, meta = peft_loras(components), {"adapt.recipe": json.dumps(recipe, sort_keys=True)}
-    written = [write_lora(out_dir / (LORA_FILE if layout == "diffusers" else kohya_file_name(out_dir)), loras, layout, meta,
-                          sdxl=components.is_sdxl)
+    if embedding is not None:
+        save_embedding(embedding[1], embedding[0], out_dir, recipe)
+    written = [write_lora(out_dir / (LORA_FILE if layout == "diffusers" else kohya_file_name(out_dir)), loras, layout,
+                          {**meta, **({EMBEDDING_META: EMBEDS_FILE} if embedding and layout == "diffusers" else {})},
+                          sdxl=components.is_sdxl, extra=bundle_tensors(*embedding) if embedding and layout == "kohya" else None)
                for layout in layouts]
     write_json(out_dir / RECIPE_FILE, recipe)
     for path in written:

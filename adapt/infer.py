@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .embeddings import read_embedding
+from .embeddings import BUNDLE_PREFIX, lora_embeddings, read_embedding
 from .errors import AdaptError
 from .fileio import read_safetensors, write_json
 from .images import make_grid, save_image
@@ -61,7 +61,11 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
 
 def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool = False) -> str:
     """Load a diffusers or A1111/ComfyUI embedding under `token`; returns the token."""
-    token, emb = read_embedding(path, token, allow_pickle)
+    return add_embedding(pipe, *read_embedding(path, token, allow_pickle), path)
+
+
+def add_embedding(pipe, token: str, emb, path: str) -> str:
+    """Add the embedding `emb` ([N, dim], or SDXL's {encoder: [N, dim]}) from `path` as the word `token`."""
     per_encoder = emb if isinstance(emb, dict) else {"text_encoder": emb}
     check_finite(per_encoder, path, "embedding")
     if set(per_encoder) != {"text_encoder", *(["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) else [])}:
@@ -89,7 +93,9 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, 
     the base model bit for bit. A module the model lacks is an error naming the file (with
     `lenient`, a warning and the module is left out). Kohya files, pickles (only with
     allow_pickle, tensors only) and files with modules left out are handed to diffusers as our own
-    diffusers-layout copy; errors always name the user's file.
+    diffusers-layout copy; errors always name the user's file. A pivotal-tuning LoRA's token embedding
+    (bundled in a kohya file, or beside a diffusers file: embeddings.lora_embeddings) is loaded as it
+    is; the weight applies to the LoRA.
     """
     if not loras:
         return []
@@ -97,9 +103,11 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, 
     # associative, so this is what makes the order of --lora flags not matter, bit for bit.
     loras = sorted(loras, key=lambda lw: (str(Path(lw[0]).resolve()), lw[1]))
     modules = model_modules(pipe)
-    adapters, into_weights = [], []
+    adapters, into_weights, brought = [], [], []
     for path, weight in loras:
-        tensors, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
+        everything, meta = read_safetensors(path, "LoRA", allow_pickle)  # clear error for missing / non-safetensors
+        brought += lora_embeddings(path, everything, meta, allow_pickle)
+        tensors = {k: v for k, v in everything.items() if not k.startswith(BUNDLE_PREFIX)}
         parsed = parse_lora(tensors, meta, path, lenient)
         fitting = {k: v for k, v in parsed.items() if k in modules}
         report_unplaced(path, [k for k in parsed if k not in fitting], len(parsed), lenient, "this model", "modules")
@@ -108,7 +116,7 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, 
         if any(kind(lo) != "lora" for lo in fitting.values()):
             into_weights.append((path, fitting, weight))
         else:  # diffusers' kohya reader cannot place text-encoder LoRAs without out_proj (e.g. our q/k-only ones)
-            own_copy = bool(meta.get("adapt.pickle") or is_kohya(tensors) or lenient)
+            own_copy = bool(meta.get("adapt.pickle") or is_kohya(tensors) or lenient or len(tensors) < len(everything))
             adapters.append((path, fitting if own_copy else None, weight))
     add_into_weights(pipe, into_weights)
     names = []
@@ -123,6 +131,8 @@ def set_loras(pipe, loras: list[tuple[str, float]], allow_pickle: bool = False, 
             names.append(f"lora_{i}")
     if names:
         pipe.set_adapters(names, adapter_weights=[w for _, _, w in adapters])
+    for token, emb, source in brought:
+        add_embedding(pipe, token, emb, source)
     return names
 
 

@@ -18,7 +18,8 @@ only plain LoRAs are merged into a LoRA file.
 
 A key that names no module of an SD/SDXL UNet or CLIP text encoder is an error naming the file
 and the first such keys, or with `lenient` a warning, and the key is left out: nothing is ever
-written with a module that no loader can place.
+written with a module that no loader can place. An embedding bundled in a kohya file (`bundle_emb.*`,
+pivotal tuning; embeddings.py) is no module: left out here, with a warning; `generate` loads it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import safetensors.torch  # save_file looked up at call time (tests patch it)
 import torch
 
 from .config import check_adapter_layout, check_lora_format
+from .embeddings import BUNDLE_PREFIX
 from .errors import AdaptError
 from .fileio import atomic_path, read_safetensors
 from .lycoris import MAGNITUDE, NAMES, SLOTS, Lycoris, checked_magnitude, dora_delta, from_parts, kind
@@ -144,6 +146,9 @@ def parse_lora(tensors: dict, meta: dict, path: str | Path, lenient: bool = Fals
     Lora | Lycoris}; `path` names the file in errors. Keys that fit no module: see report_unplaced."""
     if not tensors:
         raise AdaptError(f"{path} holds no tensors; pass a LoRA file")
+    if bundled := sorted({k[len(BUNDLE_PREFIX):].partition(".")[0] for k in tensors if k.startswith(BUNDLE_PREFIX)}):
+        log.warning("%s: left out its bundled embedding(s) %s (only `generate --lora` loads them)", path, ", ".join(bundled))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE_PREFIX)}
     kohya = is_kohya(tensors)
     parts: dict[str, dict] = {}
     unplaced = []
@@ -202,11 +207,12 @@ def _one_alpha(loras: dict[str, Lora]) -> dict[str, Lora]:
 
 
 def write_lora(path: str | Path, loras: dict[str, Lora | Lycoris], fmt: str = "diffusers", metadata: dict | None = None,
-               sdxl: bool | None = None) -> Path:
+               sdxl: bool | None = None, extra: dict | None = None) -> Path:
     """Write `loras` as one safetensors file in `fmt` (diffusers or kohya), atomically. `sdxl`
     (default: lora_names.is_sdxl of the modules and metadata) picks kohya's SDXL names. Modules
     may differ in rank: the diffusers layout says so in peft's rank_pattern, the kohya layout
-    through the shapes, with one alpha for the whole file (see _one_alpha)."""
+    through the shapes, with one alpha for the whole file (see _one_alpha). `extra`: tensors written
+    as they are (a pivotal run's embedding, embeddings.bundle_tensors)."""
     check_lora_format(fmt)
     if not loras:
         raise AdaptError("nothing to write: the LoRA has no modules")
@@ -217,7 +223,7 @@ def write_lora(path: str | Path, loras: dict[str, Lora | Lycoris], fmt: str = "d
         sdxl = is_sdxl(loras, meta)
     if sdxl:
         meta.setdefault("ss_base_model_version", SDXL_VERSION)
-    tensors = _kohya_tensors(loras, meta, sdxl) if fmt == "kohya" else _diffusers_tensors(loras, meta)
+    tensors = {**(_kohya_tensors(loras, meta, sdxl) if fmt == "kohya" else _diffusers_tensors(loras, meta)), **(extra or {})}
     path = Path(path)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=meta)

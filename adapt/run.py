@@ -95,11 +95,8 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     params = trainable_parameters(components, method, cfg, accelerator.device)
     sizes = {ex.image: target_size(ex, resolution, bucket_step) for ex in examples + held}
     latents, texts = make_caches(components, method, examples + held, cfg, sizes, accelerator, random_flip, progress)
-    optimizer = make_optimizer(cfg, param_groups(cfg, method.parameter_groups(components), params))
     n_proc = accelerator.num_processes
-    schedule_free = cfg.optimizer == "schedule-free-adamw"  # its own warm-up, then a constant lr (make_optimizer)
-    lr_scheduler = get_scheduler("constant" if schedule_free else cfg.lr_scheduler, optimizer,
-                                 num_warmup_steps=cfg.warmup_steps * n_proc, num_training_steps=cfg.steps * n_proc)
+    optimizer, lr_scheduler = make_schedule(cfg, method, components, params, n_proc)
     modules = [getattr(components, n) for n in method.trainable_modules]
     *modules, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
     for n, m in zip(method.trainable_modules, modules):
@@ -140,6 +137,30 @@ def settle_precision(cfg: TrainConfig, components) -> TrainConfig:
     precision, why = choose_for(cfg.mixed_precision, PartialState().device, unet_params)
     log.info("precision: %s (%s)", "fp32" if precision == "no" else precision, why)
     return cfg if precision == cfg.mixed_precision else replace(cfg, mixed_precision=precision)
+
+
+def make_schedule(cfg: TrainConfig, method, components, params: list, n_proc: int):
+    """The optimizer over the method's parameter groups and the LR schedule (accelerate steps it once
+    per process per optimizer step); groups the method trains for fewer steps stop (stop_groups)."""
+    stops = method.group_steps()
+    groups = param_groups(cfg, method.parameter_groups(components), params, stops)
+    optimizer = make_optimizer(cfg, [{k: v for k, v in g.items() if k != "steps"} for g in groups])
+    schedule_free = cfg.optimizer == "schedule-free-adamw"  # its own warm-up, then a constant lr (make_optimizer)
+    lr_scheduler = get_scheduler("constant" if schedule_free else cfg.lr_scheduler, optimizer,
+                                 num_warmup_steps=cfg.warmup_steps * n_proc, num_training_steps=cfg.steps * n_proc)
+    stop_groups(lr_scheduler, [g.get("steps") for g in groups], n_proc)
+    return optimizer, lr_scheduler
+
+
+def stop_groups(lr_scheduler, steps: list[int | None], n_proc: int) -> None:
+    """Optimizer group i learns during its first steps[i] optimizer steps (None: all), then at lr 0, with which AdamW
+    (also 8-bit) and Prodigy leave its weights as they are (pivotal tuning's embedding; diffusers' advanced DreamBooth
+    script also sets that group's lr to 0 at its pivot). The schedule's step counter, which checkpoints hold, decides."""
+    def until(f, end: int):
+        return lambda epoch: f(epoch) if epoch < end else 0.0
+
+    if any(steps):  # diffusers' schedules are all LambdaLR: one factor per group
+        lr_scheduler.lr_lambdas = [f if s is None else until(f, s * n_proc) for f, s in zip(lr_scheduler.lr_lambdas, steps)]
 
 
 def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
@@ -213,11 +234,13 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
     return latents, texts
 
 
-def param_groups(cfg: TrainConfig, groups: dict[str, list], params: list) -> list[dict]:
+def param_groups(cfg: TrainConfig, groups: dict[str, list], params: list, stops: dict[str, int] | None = None) -> list[dict]:
     """The optimizer's parameter groups: each parameter takes the lr of its method group (TrainConfig.group_lr);
     parameters with equal lrs share one group, in `params` order, so a run without per-group lrs has the one
-    group it always had (same updates, and its checkpoints resume as before)."""
-    lr_of = {id(p): cfg.group_lr(name) for name, ps in groups.items() for p in ps}
+    group it always had (same updates, and its checkpoints resume as before). A method group that learns for
+    fewer steps (`stops`, Method.group_steps) is a group of its own, with its "steps"."""
+    stops = stops or {}
+    lr_of = {id(p): (cfg.group_lr(name), stops.get(name)) for name, ps in groups.items() for p in ps}
     if lr_of.keys() != {id(p) for p in params} or sum(map(len, groups.values())) != len(params):
         raise AdaptError(f"the method's parameter groups ({', '.join(groups)}) do not hold each trainable parameter once")
     unused = [flag for flag, used in (("--text-encoder-lr", cfg.text_encoder_lr is None or "text_encoder" in groups),
@@ -227,12 +250,14 @@ def param_groups(cfg: TrainConfig, groups: dict[str, list], params: list) -> lis
     if unused:
         log.warning("%s: this run has no such weights to train, so %s no effect", ", ".join(unused),
                     "it has" if len(unused) == 1 else "they have")
-    by_lr: dict[float, list] = {}
+    by_lr: dict[tuple, list] = {}
     for p in params:
         by_lr.setdefault(lr_of[id(p)], []).append(p)
     if len({cfg.group_lr(name) for name in groups}) > 1:
         log.info("learning rates: %s", ", ".join(f"{name} {cfg.group_lr(name):g}" for name in groups))
-    return [{"params": ps, "lr": lr} for lr, ps in by_lr.items()]
+    for name, steps in stops.items():
+        log.info("%s learns for the first %d steps, then stays as it is (learning rate 0)", name, steps)
+    return [{"params": ps, "lr": lr, **({"steps": steps} if steps else {})} for (lr, steps), ps in by_lr.items()]
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]):

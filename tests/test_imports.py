@@ -20,7 +20,7 @@ LAYERS = [
     ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate", "precision"],
     ["config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "lycoris", "lowrank", "embeddings", "formats", "diskcache"],
-    ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion"],
+    ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion", "methods.pivotal"],
     ["infer", "checkpoint", "ema", "metrics"],
     ["report", "classimages", "evaluate", "eval_io", "lora_tools", "validation", "extract"],
     ["run", "train"],
@@ -140,6 +140,7 @@ LIGHT = {
     "methods",                                               # the METHODS table the options come from
     "plan",                                                  # make_plan: every run argument error
     "methods.full", "methods.lora", "methods.textual_inversion",  # plan loads the method class (settle)
+    "methods.pivotal",                                       # ... `lora --pivotal`'s
     "embeddings",                                            # methods.textual_inversion imports it
     "models",                                                # plan resolves --model (its adapt.json)
     "fileio", "untrusted",                                   # plan (RECIPE_FILE), models (folder checks)
@@ -169,7 +170,8 @@ def test_light_modules_and_argument_errors_import_nothing_heavy(tmp_path):
               ["resize", str(images / "a.png"), "--energy", "2", "--output", "x.safetensors"],
               *([cmd, "--images", str(images), "--token", "<sks>", "--resume", "latest"]
                 for cmd in ("lora", "dreambooth", "textual-inversion")),
-              ["dreambooth", "--lora", "--images", str(images), "--token", "<sks>", "--resume", "latest"]]
+              ["dreambooth", "--lora", "--images", str(images), "--token", "<sks>", "--resume", "latest"],
+              ["lora", "--pivotal", "--images", str(images), "--token", "<sks>"]]  # needs --init-token
     importable = sorted(LIGHT - {"__main__"})  # importing __main__ runs the CLI; it only imports cli
     code = ("import importlib, json, sys\nfrom adapt.cli import app\n"
             f"for argv in {errors!r}:\n"
@@ -181,7 +183,7 @@ def test_light_modules_and_argument_errors_import_nothing_heavy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     loaded, heavy = json.loads(out.stdout.splitlines()[-1])
     assert set(loaded) <= LIGHT, f"argument errors imported non-LIGHT modules: {sorted(set(loaded) - LIGHT)}"
-    assert {"plan", "models", "methods.lora", "methods.full", "methods.textual_inversion"} <= set(loaded)
+    assert {"plan", "models", "methods.lora", "methods.full", "methods.textual_inversion", "methods.pivotal"} <= set(loaded)
     assert heavy == [], f"importing the LIGHT modules imported {heavy}"
 
 

@@ -8,6 +8,8 @@ A method has
     trainable_parameters(components) -> list of parameters the optimizer updates,
     parameter_groups(components) -> {group: parameters}: which learning rate each of them takes
                        ("unet", "text_encoder", "embedding", "<group>.lora_B"; TrainConfig.group_lr),
+    group_steps() -> {group: steps}: groups that learn for fewer optimizer steps than the run (their
+                       learning rate is 0 after them; default: none),
     after_step(components): runs after every optimizer step (default: nothing),
     prompt(text): the prompt as the tokenizer should see it (default: unchanged),
     tokenize(components, prompt): prompt -> input_ids (CLIP padding to 77 tokens),
@@ -26,6 +28,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from ..errors import AdaptError
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,14 @@ DESCRIPTIONS = {  # each training command's --help text
     'lora': """Train a LoRA on the UNet's attention (Q,K by default) for a concept in a folder of images.
 
 \b
+Pivotal tuning (--pivotal --init-token WORD): the token is also a new word whose embedding learns
+with the LoRA (--embedding-lr; --embedding-steps-fraction stops it early), saved beside the LoRA
+file as learned_embeds.safetensors and inside the kohya file; `adapt generate --lora FILE` loads both.
+
+\b
 Example:
   adapt lora --images examples/cat --token "<sks>" --class-word "cat face" --steps 300
+  adapt lora --images examples/cat --token "<sks>" --pivotal --init-token cat --embedding-steps-fraction 0.5
 """,
     'dreambooth': """DreamBooth: fine-tune the whole UNet (optionally the text encoder) on a few images of one
 subject bound to a rare token, with prior preservation on generated class images.
@@ -91,10 +101,13 @@ Example:
 }
 
 _LORA = "adapt.methods.lora:LoraMethod"
+_LORA_SECTIONS = ("data", "lora", "train")
 _WITH_LORA = "{help} (with --lora)"
-_NO_EMBEDDING = ("train.embedding_lr",)  # no method but textual inversion trains an embedding (yet)
+# DreamBooth trains no embedding: textual inversion's and pivotal tuning's options are not its own
+_NO_EMBEDDING = ("train.embedding_lr", "lora.pivotal", "lora.init_token", "lora.num_vectors", "lora.embedding_steps_fraction")
 METHODS: dict[str, MethodSpec] = {
-    "lora": MethodSpec(_LORA, ("data", "lora", "train"), hidden=_NO_EMBEDDING, description=DESCRIPTIONS["lora"]),
+    "lora": MethodSpec(_LORA, _LORA_SECTIONS, variant=("lora", "pivotal", MethodSpec("adapt.methods.pivotal:PivotalMethod", _LORA_SECTIONS)),
+                       help={"train.embedding_lr": "{help} (with --pivotal)"}, description=DESCRIPTIONS["lora"]),
     "dreambooth": MethodSpec(
         "adapt.methods.full:FullMethod", ("data", "dreambooth", "lora", "train"), {"lr": 5e-6},
         variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_defaults=False)),
@@ -110,6 +123,13 @@ METHODS: dict[str, MethodSpec] = {
               "train.lr": "Peak learning rate. [default: 0.005]"},
         description=DESCRIPTIONS["textual-inversion"]),
 }
+
+
+def no_pivotal(configs: dict) -> None:
+    """[lora] pivotal reaches a method that trains no embedding only from a DreamBooth recipe: an error, not ignored."""
+    if getattr(configs.get("lora"), "pivotal", False):
+        raise AdaptError("[lora] pivotal is for `adapt lora --pivotal`; DreamBooth trains no token embedding: "
+                         "drop pivotal (and init_token, num_vectors, embedding_steps_fraction) from the recipe's [lora]")
 
 
 class Method:
@@ -147,6 +167,11 @@ class Method:
     def group_of(self, module: str, name: str) -> str:
         """The group of the trainable parameter `name` of the Components field `module`."""
         return "unet" if module == "unet" else "text_encoder"
+
+    def group_steps(self) -> dict[str, int]:
+        """{group: optimizer steps}: parameter groups that learn for only that many steps of the run (pivotal
+        tuning's embedding); after them their learning rate is 0 (run.stop_groups). Default: none."""
+        return {}
 
     def after_step(self, components) -> None:
         pass

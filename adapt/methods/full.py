@@ -5,7 +5,7 @@ This is what DreamBooth trains, and what builds the bundled base model from scra
 
 from __future__ import annotations
 
-from . import Method
+from . import Method, no_pivotal
 
 
 class FullMethod(Method):
@@ -18,6 +18,10 @@ class FullMethod(Method):
     @classmethod
     def from_configs(cls, configs: dict) -> "FullMethod":
         return cls(train_text_encoder=configs["dreambooth"].train_text_encoder)
+
+    @classmethod
+    def settle(cls, configs: dict, prompt_given: bool) -> None:
+        no_pivotal(configs)
 
     def prepare(self, components) -> None:
         if self.train_text_encoder:  # every text encoder (SDXL has two)

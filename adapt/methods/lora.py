@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..config import LoraConfig
 from ..errors import AdaptError
-from . import Method
+from . import Method, no_pivotal
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj"]
 
@@ -27,6 +27,10 @@ class LoraMethod(Method):
     @classmethod
     def from_configs(cls, configs: dict) -> "LoraMethod":
         return cls(configs["lora"])
+
+    @classmethod
+    def settle(cls, configs: dict, prompt_given: bool) -> None:
+        no_pivotal(configs)
 
     def _config(self, targets):
         """peft's config of the adapter; each starts as an exact no-op (LoRA/DoRA: zero B, and DoRA's
