@@ -151,14 +151,18 @@ def trainable_parameters(c, method, cfg: TrainConfig, device) -> list:
     params = [p for p in method.trainable_parameters(c) if p.requires_grad]
     if not params:
         raise AdaptError("the method has no trainable parameters")
-    if cfg.mixed_precision == "fp16" and device.type == "cpu":
-        raise AdaptError("fp16 mixed precision needs a GPU (accelerate has no fp16 autocast on CPU); use --mixed-precision bf16 or no")
+    check_precision(cfg.mixed_precision, device)
     place_for_training(c, {id(p) for p in params}, device, DTYPES[cfg.mixed_precision])
     if cfg.gradient_checkpointing:
         for name in method.trainable_modules:
             m = getattr(c, name)
             (m.enable_gradient_checkpointing if hasattr(m, "enable_gradient_checkpointing") else m.gradient_checkpointing_enable)()
     return params
+
+
+def check_precision(mixed_precision: str, device) -> None:
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise AdaptError("fp16 mixed precision needs a GPU (accelerate has no fp16 autocast on CPU); use --mixed-precision bf16 or no")
 
 
 def place_for_training(components, trainable: set[int], device, weight_dtype) -> None:
