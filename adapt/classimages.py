@@ -47,8 +47,11 @@ def _existing(folder: Path) -> list[Path]:
 def ensure_class_images(model: str | None, class_prompt: str, count: int, resolution: int, *,
                         scheduler: str = DEFAULT_SCHEDULER, steps: int = 25, guidance: float = 7.5,
                         folder: str | Path | None = None, cache_root: str | Path = "outputs/class-images",
-                        batch_size: int = 8, progress: bool = True) -> tuple[Path, list[Path]]:
-    """Make sure at least `count` class images exist; return (folder, the first `count` images)."""
+                        batch_size: int = 8, progress: bool = True, dtype=None) -> tuple[Path, list[Path]]:
+    """Make sure at least `count` class images exist; return (folder, the first `count` images).
+    Missing ones render in `dtype` (a torch dtype: the run's precision; None: infer.load_pipeline's
+    default), which each image's manifest entry records; it is not part of the cache key (a
+    bf16 and an fp32 image of one seed differ in a few pixel values, and both serve as the class)."""
     if count < 1:
         raise AdaptError(f"--num-class-images must be >= 1, got {count}")
     model_path = resolve_model(model)
@@ -64,21 +67,23 @@ def ensure_class_images(model: str | None, class_prompt: str, count: int, resolu
             remove_partial_files(folder)
             have = _existing(folder)
             if len(have) < count:
-                _generate(model, model_path, folder, have, count, settings, batch_size, progress)
+                _generate(model, model_path, folder, have, count, settings, batch_size, progress, dtype)
                 return folder, _existing(folder)[:count]
     log.info("reusing %d class images in %s", count, folder)
     return folder, have[:count]
 
 
 def _generate(model, model_path: Path, folder: Path, have: list[Path], count: int, settings: dict, batch_size: int,
-              progress: bool) -> None:
+              progress: bool, dtype) -> None:
     """Render the missing images (the lowest free indices); the caller holds the folder's lock."""
     taken = {p.stem for p in have}
     free = (i for i in itertools.count() if f"class-{i:05d}" not in taken)
     todo = list(itertools.islice(free, count - len(have)))
     class_prompt, scheduler, steps = settings["class_prompt"], settings["scheduler"], settings["steps"]
-    log.info("generating %d class images for %r in %s (%s, %d steps)", len(todo), class_prompt, folder, scheduler, steps)
-    pipe = infer.load_pipeline(model, scheduler)
+    pipe = infer.load_pipeline(model, scheduler, dtype=dtype)
+    precision = str(pipe.unet.dtype).removeprefix("torch.")
+    log.info("generating %d class images for %r in %s (%s, %d steps, %s)", len(todo), class_prompt, folder, scheduler,
+             steps, precision)
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"model": str(model_path), **settings, "images": []}
     bar = tqdm(total=len(todo), desc="class images", unit="img", disable=not progress)
@@ -88,7 +93,7 @@ def _generate(model, model_path: Path, folder: Path, have: list[Path], count: in
                                 size=settings["resolution"], batch_size=batch_size)
         for seed, img in zip(seeds, images):
             save_image(img, folder / f"class-{seed:05d}.png")
-            manifest["images"].append({"file": f"class-{seed:05d}.png", "seed": seed})
+            manifest["images"].append({"file": f"class-{seed:05d}.png", "seed": seed, "dtype": precision})
         write_json(manifest_path, manifest)  # after the images: it never names a file that is not there
         bar.update(len(seeds))
     bar.close()

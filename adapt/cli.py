@@ -22,7 +22,7 @@ import typer.core
 
 from .checks import check_eval_args, check_sampling, default_output, embedding_specs, lora_specs
 from .errors import AdaptError
-from .logs import defer_optional_imports, quiet_libraries
+from .logs import defer_optional_imports, mark_own_process, quiet_libraries
 from .methods import METHODS
 from .lora_commands import LORA_COMMANDS
 from .options import AllowPickle, Lenient, Lora, Model, Overwrite, training_parameters
@@ -84,7 +84,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     rank = int(os.environ.get("RANK", "0") or 0)  # under `accelerate launch`, only process 0 talks
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stderr)
     quiet_libraries()
-    defer_optional_imports()  # bitsandbytes loads only for --optimizer adamw8bit, not at every start
+    defer_optional_imports()  # bitsandbytes loads only for --optimizer adamw8bit, not at every start (logs.DEFERRED)
 
 
 Output = Annotated[Optional[Path], typer.Option(help="Run folder. Default: outputs/<method>-<timestamp>.")]
@@ -225,6 +225,7 @@ def schedulers():
 
 
 def main() -> None:
+    mark_own_process()  # one command per process: a training run may defer what it does not use (logs.py)
     app()
 
 

@@ -47,6 +47,7 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
         raise AdaptError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
     if dtype == torch.float16:
         pipe.vae.to(torch.float32)  # fp16 VAEs overflow (black images / NaN, SDXL's known failure); decoding is cheap
+    decode_in_own_dtype(pipe.vae)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -57,6 +58,32 @@ def load_pipeline(model: str | None = None, scheduler: str = DEFAULT_SCHEDULER, 
     for path, token in embeddings:
         load_embedding(pipe, path, token, allow_pickle)
     return pipe
+
+
+def decode_in_own_dtype(vae) -> None:
+    """The VAE decodes in its own weights' dtype, whatever dtype the latents come in and whatever
+    autocast is on: an fp16 pipeline keeps its VAE fp32 (above) but hands it the UNet's fp16
+    latents, and validation renders run under the training's autocast (fp16 there would overflow
+    in the decoder too). Hooks on the modules `AutoencoderKL._decode` calls cast their input and
+    turn autocast off inside them. Installed once per VAE."""
+    if getattr(vae, "_adapt_own_dtype", False):
+        return
+    vae._adapt_own_dtype = True
+    for module in (getattr(vae, "post_quant_conv", None), vae.decoder):
+        if module is not None:
+            module.register_forward_pre_hook(_autocast_off_and_cast)
+            module.register_forward_hook(_autocast_back, always_call=True)  # also when the decode raises
+
+
+def _autocast_off_and_cast(module, args):
+    module._adapt_autocast = torch.autocast(args[0].device.type, enabled=False)
+    module._adapt_autocast.__enter__()
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _autocast_back(module, args, output):
+    module._adapt_autocast.__exit__(None, None, None)
 
 
 def load_embedding(pipe, path: str, token: str | None = None, allow_pickle: bool = False) -> str:

@@ -19,6 +19,7 @@ from .errors import AdaptError
 from .models import load_components, native_resolution, resolve_model
 from .recipe import describe, to_dict
 from .report import validation_line
+from .run import DTYPES, check_precision
 from .signals import wait_forwarding
 from .train import train
 from .validation import held_out
@@ -47,7 +48,7 @@ def run(plan) -> None:
         examples = check_images(examples, resolution, data.skip_bad_images)
         examples, validation = held_out(examples, train_cfg, data, plan.template, resolution)  # before class images
         if db is not None and db.prior_preservation:
-            examples += class_examples(plan.model, data, db, resolution)
+            examples += class_examples(plan.model, data, db, resolution, train_cfg.mixed_precision, state.device)
 
     components = load_components(plan.model)
     method = plan.spec.load().from_configs(plan.configs)
@@ -67,14 +68,18 @@ def run(plan) -> None:
         log.info("%s", validation_line(result["validation"]))
 
 
-def class_examples(model, data, db, resolution: int) -> list[Example]:
-    """Prior preservation as data: class images are examples of group 1 weighted by lambda."""
+def class_examples(model, data, db, resolution: int, mixed_precision: str, device) -> list[Example]:
+    """Prior preservation as data: class images are examples of group 1 weighted by lambda. They
+    render in the run's precision; without one, in the inference module's default (fp16 on a GPU,
+    as diffusers' train_dreambooth.py's prior_generation_precision; fp32 on CPU)."""
     if not (db.class_prompt or data.class_word):
         raise AdaptError("prior preservation needs --class-word (e.g. 'cat') or --class-prompt; "
                          "or pass --no-prior-preservation")
+    check_precision(mixed_precision, device)  # before the class images, not after minutes of rendering
     class_prompt = db.class_prompt or f"a photo of {data.class_word}"
     _, files = ensure_class_images(model, class_prompt, db.num_class_images, resolution, scheduler=db.class_scheduler,
-                                   steps=db.class_steps, folder=db.class_images)
+                                   steps=db.class_steps, folder=db.class_images,
+                                   dtype=None if mixed_precision == "no" else DTYPES[mixed_precision])
     return [Example(p, class_prompt, weight=db.prior_loss_weight, group=1) for p in files]
 
 

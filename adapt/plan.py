@@ -19,9 +19,11 @@ from .checks import default_output
 from .errors import AdaptError
 from .fileio import RECIPE_FILE
 from .locks import run_folder
+from .logs import RUN_DEFERRABLE, defer_for_this_run
 from .methods import METHODS, MethodSpec
 from .models import model_defaults, resolve_model
 from .recipe import build, read_recipe
+from .schedulers import DEFAULT_SCHEDULER, check_scheduler
 
 log = logging.getLogger("adapt")
 
@@ -93,8 +95,20 @@ def _output_dir(output: Path | None, command: str, overwrite: bool) -> Path:
     return out
 
 
+def unused_packages(plan: Plan) -> list[str]:
+    """The RUN_DEFERRABLE packages this run does not use: scipy unless a sampler it renders with
+    (validation: the default; class images: --class-scheduler) needs it."""
+    samplers = {DEFAULT_SCHEDULER}  # report.render_validation
+    db = plan.configs.get("dreambooth")
+    if db is not None and db.prior_preservation:
+        samplers.add(db.class_scheduler)
+    needed = {m for name in samplers for m in check_scheduler(name).requires}
+    return [m for m in RUN_DEFERRABLE if m not in needed]
+
+
 def run_plan(plan: Plan) -> None:
     """Hold the run folder (a second run there is refused before anything loads), then train."""
+    defer_for_this_run(unused_packages(plan))  # before the stack loads: it decides then what is installed
     from .launch import run  # lazy: launch loads torch; everything above runs before it
 
     with run_folder(plan.output):

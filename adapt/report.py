@@ -52,7 +52,9 @@ def tracker_scalars(recipe: dict, prefix: str = "") -> dict:
 
 def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, accelerator) -> None:
     """Render the validation prompts with the model as it is now, through the inference module
-    (fixed seeds, dpm++2m-karras), as one grid."""
+    (fixed seeds, dpm++2m-karras), as one grid, in the run's precision: the frozen weights are in
+    it already, the trained ones fp32 under the accelerator's autocast; the VAE decodes in its own
+    fp32 (infer.decode_in_own_dtype)."""
     if c.vae is None or c.text_encoder is None:
         raise AdaptError("validation needs the VAE and text encoder; they were released")
     parts = {"vae": c.vae, "unet": c.unet, "scheduler": make_scheduler(DEFAULT_SCHEDULER, c.noise_scheduler.config),
@@ -61,6 +63,7 @@ def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, 
     parts.update({n: accelerator.unwrap_model(getattr(c, n)) for n in method.trainable_modules})
     pipe = assemble_pipeline(c.is_sdxl, parts)
     pipe.set_progress_bar_config(disable=True)
+    infer.decode_in_own_dtype(pipe.vae)
     for m in trained_modules:
         m.eval()
     try:

@@ -182,8 +182,7 @@ def trainable_parameters(c, method, cfg: TrainConfig, device) -> list:
     params = [p for p in method.trainable_parameters(c) if p.requires_grad]
     if not params:
         raise AdaptError("the method has no trainable parameters")
-    if cfg.mixed_precision == "fp16" and device.type == "cpu":
-        raise AdaptError("fp16 mixed precision needs a GPU (accelerate has no fp16 autocast on CPU); use --mixed-precision bf16 or no")
+    check_precision(cfg.mixed_precision, device)
     place_for_training(c, {id(p) for p in params}, device, DTYPES[cfg.mixed_precision])
     if cfg.gradient_checkpointing:
         for name in method.trainable_modules:
@@ -194,6 +193,11 @@ def trainable_parameters(c, method, cfg: TrainConfig, device) -> list:
     if cfg.compile:
         c.unet.compile()  # in place: the module, its parameter names and what saves it stay the same
     return params
+
+
+def check_precision(mixed_precision: str, device) -> None:
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise AdaptError("fp16 mixed precision needs a GPU (accelerate has no fp16 autocast on CPU); use --mixed-precision bf16 or no")
 
 
 def place_for_training(components, trainable: set[int], device, weight_dtype) -> None:
