@@ -7,15 +7,13 @@ epochs, resolution) and an estimate of peak memory and time per step on this dev
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .data import instance_examples
-from .estimate import component_tensors, estimate
+from .estimate import estimate
 from .models import native_resolution, resolve_model
 from .plan import Plan
-from .precision import choose_for
+from .precision import choose_for_model
 from .recipe import describe
 
 def device_name() -> tuple[str, str]:
@@ -51,8 +49,7 @@ def estimate_lines(plan: Plan, model, resolution: int, prior: bool) -> list[str]
     lora = plan.configs.get("lora")
     device, gpu = device_name()
     try:
-        unet_params = sum(math.prod(shape) for shape, _ in component_tensors(model, "unet").values())
-        precision, why = choose_for(cfg.mixed_precision, device, unet_params)
+        precision, why = choose_for_model(cfg.mixed_precision, device, model)
         est = estimate(model, kind=kind, resolution=resolution, batch=cfg.batch_size, precision=precision,
                        optimizer=cfg.optimizer, targets=tuple(lora.target_modules) if lora else (), rank=lora.rank if lora else 4,
                        checkpointing=cfg.gradient_checkpointing, device=device, gpu_name=gpu, prior=prior,

@@ -17,6 +17,7 @@ from .classimages import ensure_class_images
 from .data import Example, check_images, dataset_examples, instance_examples
 from .errors import AdaptError
 from .models import load_components, native_resolution, resolve_model
+from .precision import choose_for_model
 from .recipe import describe, to_dict
 from .report import validation_line
 from .run import DTYPES, check_precision
@@ -48,7 +49,8 @@ def run(plan) -> None:
         examples = check_images(examples, resolution, data.skip_bad_images)
         examples, validation = held_out(examples, train_cfg, data, plan.template, resolution)  # before class images
         if db is not None and db.prior_preservation:
-            examples += class_examples(plan.model, data, db, resolution, train_cfg.mixed_precision, state.device)
+            precision, _ = choose_for_model(train_cfg.mixed_precision, state.device, resolve_model(plan.model))
+            examples += class_examples(plan.model, data, db, resolution, precision, state.device)
 
     components = load_components(plan.model)
     method = plan.spec.load().from_configs(plan.configs)

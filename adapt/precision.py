@@ -9,9 +9,12 @@ spends more on casting than it gains (measured with benchmarks/compare.py; READM
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+
+from .estimate import component_tensors
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPU_BF16_MIN_PARAMS = 300_000_000  # SD 1.5's UNet is 860M; the bundled base's 21M trains faster in fp32 on CPU
@@ -61,3 +64,9 @@ def choose_for(requested: str, device, unet_params: int) -> tuple[str, str]:
         return choose(requested, "cuda", unet_params, cuda_capability=torch.cuda.get_device_capability(index),
                       gpu_name=torch.cuda.get_device_name(index))
     return choose(requested, device.type, unet_params)
+
+
+def choose_for_model(requested: str, device, model: Path) -> tuple[str, str]:
+    """`choose_for` with the UNet's size read from the model folder's safetensors headers (nothing loaded)."""
+    unet_params = sum(math.prod(shape) for shape, _ in component_tensors(Path(model), "unet").values())
+    return choose_for(requested, device, unet_params)
