@@ -165,7 +165,7 @@ def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: di
 def measure(spec: dict) -> dict:
     import torch
 
-    from step_time import _components
+    from sd_models import _components
 
     torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

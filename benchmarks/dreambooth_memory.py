@@ -31,7 +31,7 @@ def one(preset: str, resolution: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from step_time import _components, _images
+    from sd_models import _components, _images
 
     from adapt.cli import _make_method
     from adapt.recipe import build, read_recipe

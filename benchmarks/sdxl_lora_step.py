@@ -48,7 +48,7 @@ def main() -> None:
     from adapt.data import instance_examples
     from adapt.methods.lora import LoraMethod
     from adapt.train import train
-    from step_time import _images
+    from sd_models import _images
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
