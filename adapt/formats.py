@@ -5,6 +5,8 @@ layout (with peft's adapter config in `lora_adapter_metadata`, as `save_lora_wei
 so `load_lora_weights` rebuilds the same alpha/rank scale) and `<run folder>.safetensors` in
 kohya's layout, the one ComfyUI and A1111/Forge load. The recipe is inside both (`adapt.recipe`).
 A DoRA run writes only the first, a LoHa / LoKr run only the second (config.ADAPTER_LAYOUTS).
+A pivotal-tuning run also writes its token's embedding: beside them as `learned_embeds.safetensors`
+(named in the diffusers file's metadata) and inside the kohya file (embeddings.bundle_tensors).
 
 Pipeline folders keep the standard CLIP key layout (`text_model.` prefix, as transformers 4.x
 writes it and ComfyUI detects it), which transformers 5 still reads; they keep the base's

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +236,46 @@ def test_sdxl_bundles_clip_l_and_clip_g(concept_dir, tmp_path):
     images = [generate(load_pipeline(str(sdxl), "euler", loras=[(str(tmp_path / "x" / f), 1.0)]), [PROMPT], [0], steps=2)[0]
               for f in (LORA, "x.safetensors")]
     assert np.abs(np.asarray(images[0], dtype=np.int16) - np.asarray(images[1], dtype=np.int16)).max() <= 1
+
+
+# --- on the bundled base: what pivotal tuning learns (slow) ------------------------------------------------------
+# 150 steps of each at the model's LoRA lr (4e-3; the embedding at textual inversion's 5e-3), 16 seeds, DPM++ 2M
+# Karras, 25 steps, guidance 3; eval's distance (adapt/metrics.py distance_to_set: mean L2 in its 16x16 feature space
+# to the nearest examples/cat image; lower = closer). Measured: base 6.233, LoRA 5.924, TI 7.707, pivotal 7.197.
+SEEDS = list(range(16))
+
+
+@pytest.fixture(scope="module")  # the two tests read the same runs
+def distances(tmp_path_factory) -> dict[str, float]:
+    from adapt.config import TextualInversionConfig
+    from adapt.methods.lora import LoraMethod
+    from adapt.methods.textual_inversion import TextualInversionMethod
+    from adapt.metrics import distance_to_set, features
+    from adapt.models import BUNDLED_MODEL, model_defaults
+
+    cat, token, out = Path(__file__).resolve().parents[1] / "examples" / "cat", "<sks>", tmp_path_factory.mktemp("quality")
+    examples, refs = instance_examples(cat, token, "x"), features(sorted(cat.glob("*.png")))
+    lr, guidance = model_defaults(BUNDLED_MODEL)["lora"]["lr"], model_defaults(BUNDLED_MODEL)["guidance"]
+    runs = {"lora": (LoraMethod(LoraConfig()), {"lr": lr}, "loras", LORA),
+            "ti": (TextualInversionMethod(TextualInversionConfig(init_token="cat"), token), {"lr": 5e-3}, "embeddings", EMBEDS),
+            "pivotal": (PivotalMethod(LoraConfig(pivotal=True, init_token="cat"), token, 150), {"lr": lr, "embedding_lr": 5e-3},
+                        "loras", LORA)}
+    found = {}
+    for name, (method, rates, kind, file) in runs.items():
+        train(load_components(None), method, examples, TrainConfig(steps=150, **rates), out / name, resolution=64, progress=False)
+        pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(out / name / file), 1.0 if kind == "loras" else None)]})
+        images = generate(pipe, [f"an emoji of {token} cat face"] * len(SEEDS), SEEDS, steps=25, guidance=guidance, batch_size=16)
+        found[name] = distance_to_set(features(images), refs)
+    return found
+
+
+@pytest.mark.slow
+def test_pivotal_tuning_beats_textual_inversion_alone_at_the_same_steps(distances):
+    assert distances["pivotal"] < distances["ti"] - 0.25, distances  # measured 7.197 vs 7.707
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 17's target, not met on the bundled base: at 150 steps LoRA alone is "
+                                       "closer to the cats (measured 5.924 vs pivotal 7.197; at 300 steps 6.449 vs 7.907)")
+def test_pivotal_tuning_beats_lora_alone_at_the_same_steps(distances):
+    assert distances["pivotal"] < distances["lora"], distances
