@@ -93,7 +93,7 @@ def summary(label: str, results: dict[Path, list[dict]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trees", nargs="+", type=Path, default=[ROOT], help="adapt source folders to compare (PYTHONPATH)")
-    ap.add_argument("--runs", type=int, default=5, help="tiny-model runs per tree")
+    ap.add_argument("--runs", type=int, default=5, help="tiny-model runs per tree (0: skip)")
     ap.add_argument("--quickstart-runs", type=int, default=1, help="quickstart runs per tree (0: skip; ~5 min each on CPU)")
     a = ap.parse_args()
     from adapt.models import build_tiny_pipeline
@@ -103,7 +103,8 @@ def main() -> None:
     trees = [t.resolve() for t in a.trees]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load avg at start {os.getloadavg()[0]:.1f}")
     tiny_args = ["lora", "--images", str(images), "--token", "<t>", "--model", str(tiny), "--steps", "2", "--resolution", "16"]
-    summary("tiny model, time to first training step", measure(trees, a.runs, lambda t: tiny_args, "tiny"))
+    if a.runs:
+        summary("tiny model, time to first training step", measure(trees, a.runs, lambda t: tiny_args, "tiny"))
     if a.quickstart_runs:
         quick = measure(trees, a.quickstart_runs, lambda t: ["lora", "--images", str(t / "examples" / "cat"), "--token", "<sks>"],
                         "quickstart")
