@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 MODES = ("reference", "adapt", "bare")
-VARIANTS = {"compile": {"compile": True}, "channels_last": {"channels_last": True}, "fused": {"adamw_impl": "fused"},
-            "foreach": {"adamw_impl": "foreach"}, "for": {"adamw_impl": "for"}}
+VARIANTS = {"compile": {"compile": True}, "channels_last": {"channels_last": True}, "fused": {"adamw_kernel": "fused"},
+            "foreach": {"adamw_kernel": "foreach"}, "for": {"adamw_kernel": "for"}}
 DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
