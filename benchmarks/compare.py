@@ -254,11 +254,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--from-log", type=Path, help="print the tables again from the JSON lines an earlier run printed "
+                   "(also of a run stopped part-way)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         print(json.dumps(measure(json.loads(a.one))))
         return
+    if a.from_log:
+        rows = [json.loads(line) for line in a.from_log.read_text().splitlines() if line.startswith("{")]
+        return summarise(rows)
     resolutions = [int(r) for r in a.resolutions.split(",")]
     specs = []
     for method in a.methods.split(","):
@@ -269,13 +274,20 @@ def main() -> None:
                 for v in filter(None, a.variants.split(",")):
                     specs.append({"method": method, "res": res, "precision": prec, "mode": "adapt", "label": f"adapt +{v}",
                                   "options": VARIANTS[v]})
-    results: dict = {}
+    rows: list[dict] = []
     for rep in range(a.repeats):  # interleaved: every configuration once per round
         for spec in specs:
             spec = {**spec, "steps": a.steps, "warmup": a.warmup, "threads": a.threads, "model": a.model}
             r = run_one(spec)
-            results.setdefault((spec["method"], spec["res"], spec["precision"]), {}).setdefault(spec["label"], []).append(r)
+            rows.append(r)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+    summarise(rows)
+
+
+def summarise(rows: list[dict]) -> None:
+    results: dict = {}
+    for r in rows:
+        results.setdefault((r["method"], r["res"], r["precision"]), {}).setdefault(r["label"], []).append(r)
     report(results)
     print()
     headline(results)
