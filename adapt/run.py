@@ -1,11 +1,9 @@
 """A training run's state (`Run`) and how it is set up: the accelerator, the trainable parameters
-and where every weight lives, the caches, the optimizer and LR schedule, and resuming from a
-checkpoint. train.py steps a `Run`; nothing here runs a training step."""
+and where every weight lives, the caches, the optimizer and LR schedule (optim.py), and resuming
+from a checkpoint. train.py steps a `Run`; nothing here runs a training step."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,17 +13,16 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 
 from .checkpoint import resume
-from .config import OPTIMIZER_PACKAGES, TrainConfig
+from .config import TrainConfig
 from .data import BatchOrder, Example, target_size
 from .diskcache import DiskCache, cache_root
 from .ema import make_ema
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
-from .logs import check_installed, optional_import
 from .masks import latent_masks
+from .optim import make_schedule
 from .precision import choose_for
 from .validation import HeldOut, fixed_set, restore
 
@@ -139,30 +136,6 @@ def settle_precision(cfg: TrainConfig, components) -> TrainConfig:
     return cfg if precision == cfg.mixed_precision else replace(cfg, mixed_precision=precision)
 
 
-def make_schedule(cfg: TrainConfig, method, components, params: list, n_proc: int):
-    """The optimizer over the method's parameter groups and the LR schedule (accelerate steps it once
-    per process per optimizer step); groups the method trains for fewer steps stop (stop_groups)."""
-    stops = method.group_steps()
-    groups = param_groups(cfg, method.parameter_groups(components), params, stops)
-    optimizer = make_optimizer(cfg, [{k: v for k, v in g.items() if k != "steps"} for g in groups])
-    schedule_free = cfg.optimizer == "schedule-free-adamw"  # its own warm-up, then a constant lr (make_optimizer)
-    lr_scheduler = get_scheduler("constant" if schedule_free else cfg.lr_scheduler, optimizer,
-                                 num_warmup_steps=cfg.warmup_steps * n_proc, num_training_steps=cfg.steps * n_proc)
-    stop_groups(lr_scheduler, [g.get("steps") for g in groups], n_proc)
-    return optimizer, lr_scheduler
-
-
-def stop_groups(lr_scheduler, steps: list[int | None], n_proc: int) -> None:
-    """Optimizer group i learns during its first steps[i] optimizer steps (None: all), then at lr 0, with which AdamW
-    (also 8-bit) and Prodigy leave its weights as they are (pivotal tuning's embedding; diffusers' advanced DreamBooth
-    script also sets that group's lr to 0 at its pivot). The schedule's step counter, which checkpoints hold, decides."""
-    def until(f, end: int):
-        return lambda epoch: f(epoch) if epoch < end else 0.0
-
-    if any(steps):  # diffusers' schedules are all LambdaLR: one factor per group
-        lr_scheduler.lr_lambdas = [f if s is None else until(f, s * n_proc) for f, s in zip(lr_scheduler.lr_lambdas, steps)]
-
-
 def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
     # accelerate keeps one process-wide state; reset its precision part so several runs (tests,
     # notebooks) can use different --mixed-precision in one process. The distributed part stays.
@@ -236,59 +209,6 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
             for name in c.text_encoder_names:
                 release(c, name)
     return latents, texts
-
-
-def param_groups(cfg: TrainConfig, groups: dict[str, list], params: list, stops: dict[str, int] | None = None) -> list[dict]:
-    """The optimizer's parameter groups: each parameter takes the lr of its method group (TrainConfig.group_lr);
-    parameters with equal lrs share one group, in `params` order, so a run without per-group lrs has the one
-    group it always had (same updates, and its checkpoints resume as before). A method group that learns for
-    fewer steps (`stops`, Method.group_steps) is a group of its own, with its "steps"."""
-    stops = stops or {}
-    lr_of = {id(p): (cfg.group_lr(name), stops.get(name)) for name, ps in groups.items() for p in ps}
-    if lr_of.keys() != {id(p) for p in params} or sum(map(len, groups.values())) != len(params):
-        raise AdaptError(f"the method's parameter groups ({', '.join(groups)}) do not hold each trainable parameter once")
-    unused = [flag for flag, used in (("--text-encoder-lr", cfg.text_encoder_lr is None or "text_encoder" in groups),
-                                      ("--embedding-lr", cfg.embedding_lr is None or "embedding" in groups),
-                                      ("--loraplus-ratio", cfg.loraplus_ratio == 1 or any(".lora_B" in g for g in groups)))
-              if not used]
-    if unused:
-        log.warning("%s: this run has no such weights to train, so %s no effect", ", ".join(unused),
-                    "it has" if len(unused) == 1 else "they have")
-    by_lr: dict[tuple, list] = {}
-    for p in params:
-        by_lr.setdefault(lr_of[id(p)], []).append(p)
-    if len({cfg.group_lr(name) for name in groups}) > 1:
-        log.info("learning rates: %s", ", ".join(f"{name} {cfg.group_lr(name):g}" for name in groups))
-    for name, steps in stops.items():
-        log.info("%s learns for the first %d steps, then stays as it is (learning rate 0)", name, steps)
-    return [{"params": ps, "lr": lr, **({"steps": steps} if steps else {})} for (lr, steps), ps in by_lr.items()]
-
-
-def make_optimizer(cfg: TrainConfig, groups: list[dict]):
-    """--optimizer over the parameter groups (each with its own lr). Prodigy takes its README's settings
-    for diffusion models (bias correction, safeguarded warm-up); schedule-free AdamW does the warm-up."""
-    name, wd = cfg.optimizer, cfg.weight_decay
-    if name in OPTIMIZER_PACKAGES:  # also here: train() can be called without a plan's checks
-        check_installed(OPTIMIZER_PACKAGES[name], f"--optimizer {name}", "adapt[optimizers]")
-    if name == "prodigy":
-        from prodigyopt import Prodigy  # lazy: optional, only for --optimizer prodigy
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
-            return Prodigy(groups, lr=cfg.lr, weight_decay=wd, use_bias_correction=True, safeguard_warmup=True)
-    if name == "schedule-free-adamw":
-        from schedulefree import AdamWScheduleFree  # lazy: optional, only for --optimizer schedule-free-adamw
-
-        return AdamWScheduleFree(groups, lr=cfg.lr, weight_decay=wd, warmup_steps=cfg.warmup_steps)
-    if name == "adamw8bit":
-        try:
-            bnb = optional_import("bitsandbytes")  # optional, only for --optimizer adamw8bit (the CLI defers it)
-
-            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=wd)
-        except Exception as e:  # ImportError, or a bitsandbytes build without this device's kernels
-            raise AdaptError(f"--optimizer adamw8bit needs a working bitsandbytes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                             "install a build for your GPU or use --optimizer adamw") from None
-    kernel = {"auto": {}, "for": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.adamw_kernel]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd, **kernel)
 
 
 def _inner(optimizer):

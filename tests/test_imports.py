@@ -21,7 +21,7 @@ LAYERS = [
     ["config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "lycoris", "lowrank", "embeddings", "formats", "diskcache"],
     ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion", "methods.pivotal"],
-    ["infer", "checkpoint", "ema", "metrics"],
+    ["infer", "checkpoint", "ema", "metrics", "optim"],
     ["report", "classimages", "evaluate", "eval_io", "lora_tools", "validation", "extract"],
     ["run", "train"],
     ["launch"],
@@ -150,8 +150,8 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensor
 # In-function imports a non-LIGHT module may keep: optional, slow, and needed for one option only.
 ALLOWED_LAZY = {
     ("data", "datasets"): "optional and slow; only --dataset needs it (after HF_DATASETS_OFFLINE is set)",
-    ("run", "prodigyopt"): "optional; only --optimizer prodigy needs it",
-    ("run", "schedulefree"): "optional; only --optimizer schedule-free-adamw needs it",
+    ("optim", "prodigyopt"): "optional; only --optimizer prodigy needs it",
+    ("optim", "schedulefree"): "optional; only --optimizer schedule-free-adamw needs it",
     ("run", "tensorboard"): "optional; only --log-with tensorboard needs it",
 }
 CHECKED = (*HEAVY, "datasets", "bitsandbytes", "tensorboard", "prodigyopt", "schedulefree")

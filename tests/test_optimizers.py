@@ -24,7 +24,7 @@ from adapt.methods.lora import LoraMethod
 from adapt.methods.textual_inversion import TextualInversionMethod
 from adapt.models import load_components
 from adapt.plan import make_plan
-from adapt.run import param_groups
+from adapt.optim import param_groups
 from adapt.train import train
 from conftest import run
 

@@ -15,7 +15,7 @@ from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
-from adapt.run import make_optimizer
+from adapt.optim import adamw_kernel, make_optimizer
 from adapt.train import train
 
 SD15_PARAMS = 859_520_964
@@ -83,11 +83,19 @@ def _lora_after(tiny_model, examples, tmp_path, **options) -> dict:
     return {n: p.detach().clone() for n, p in c.unet.named_parameters() if "lora_" in n}
 
 
-@pytest.mark.parametrize("kernel, flags", [("auto", {"foreach": None, "fused": None}), ("for", {"foreach": False}),
+@pytest.mark.parametrize("kernel, flags", [("auto", {"foreach": None, "fused": True}), ("for", {"foreach": False}),
                                            ("foreach", {"foreach": True}), ("fused", {"fused": True})])
 def test_adamw_kernel_reaches_the_optimizer(kernel, flags):
     opt = make_optimizer(TrainConfig(adamw_kernel=kernel), [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}])
     assert {k: opt.defaults[k] for k in flags} == flags
+
+
+def test_auto_kernel_is_fused_only_where_torch_has_it():
+    """auto = fused for weights on CPU/CUDA; on another device (here "meta") torch's own default."""
+    cpu, meta = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, device="meta"))
+    assert adamw_kernel(TrainConfig(), [{"params": [cpu]}]) == "fused"
+    assert adamw_kernel(TrainConfig(), [{"params": [cpu]}, {"params": [meta]}]) == "torch"
+    assert adamw_kernel(TrainConfig(adamw_kernel="for"), [{"params": [cpu]}]) == "for"
 
 
 def test_layout_and_adamw_kernels_train_the_same_weights(tiny_model, concept_dir, tmp_path):

@@ -170,7 +170,7 @@ class Method:
 
     def group_steps(self) -> dict[str, int]:
         """{group: optimizer steps}: parameter groups that learn for only that many steps of the run (pivotal
-        tuning's embedding); after them their learning rate is 0 (run.stop_groups). Default: none."""
+        tuning's embedding); after them their learning rate is 0 (optim.stop_groups). Default: none."""
         return {}
 
     def after_step(self, components) -> None:

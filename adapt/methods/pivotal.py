@@ -7,7 +7,7 @@ every step the other rows are put back, so they and every base weight stay bit-i
 takes its own learning rate (--lr, --text-encoder-lr, --loraplus-ratio for the LoRA; --embedding-lr
 for the embedding). With --embedding-steps-fraction F the embedding learns during the first
 round(F x steps) steps only, then keeps its value while the LoRA goes on: its learning rate is 0 from
-then on (`group_steps`, applied by run.stop_groups), the pivot of diffusers' advanced DreamBooth
+then on (`group_steps`, applied by optim.stop_groups), the pivot of diffusers' advanced DreamBooth
 script (--train_text_encoder_ti_frac). The text encoder runs every step, so its outputs are never
 cached. Saved by formats.save_lora: the LoRA file(s), learned_embeds.safetensors beside them (named
 in the diffusers file's metadata), and the embedding bundled inside the kohya file as A1111 reads it.
