@@ -10,13 +10,14 @@ measurement), on the real SD 1.5 architecture with random weights (nothing downl
   VAE and the prompt with the text encoder, LoRA on to_q, to_k, to_v, to_out.0 (rank 4), frozen
   weights in the precision's dtype, trainable weights fp32, accelerate-style autocast, AdamW with
   the scripts' settings, gradient clipping at 1.0;
-* bare: only the UNet's forward + MSE + backward + AdamW step on one fixed batch (the same adapters
-  or the same full UNet as adapt) - the floor any trainer sits on.
+* bare: only the UNet's forward + MSE + backward + AdamW step (fused, adapt's default kernel) on one
+  fixed batch (the same adapters or the same full UNet as adapt) - the floor any trainer sits on.
 
 Batches: LoRA 1 image; DreamBooth 1 instance + 1 class image (prior preservation). Each process
 times `--steps` steps after `--warmup` steps and reports the median step and its range, and its
-peak resident memory counted from just before the model is built (VmHWM; on a GPU
-max_memory_allocated). Configurations run interleaved, `--repeats` times, and the table gives
+peak memory during the timed steps (what training holds: the models as they train, optimizer state,
+activations), less the process's memory before the model was built (VmHWM, restarted after the
+warm-up; on a GPU max_memory_allocated). Configurations run interleaved, `--repeats` times, and the table gives
 the median over repeats. Run on an otherwise idle machine:
 
     python benchmarks/compare.py                                   # LoRA 256+512, DreamBooth 256; fp32+bf16
@@ -79,7 +80,17 @@ def _frozen_to(c, dtype, trainable: set[int], device) -> None:
             p.data = p.data.to(torch.float32 if id(p) in trainable else dtype)
 
 
-def hand_loop(c, method: str, mode: str, res: int, precision: str, steps: int, device) -> list[float]:
+def reset_peak() -> None:
+    """Peak memory counts from here: after the warm-up steps, so it is what training holds (the models as they
+    train, the optimizer's state, the activations), not the fp32 model the benchmark builds first."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+
+
+def hand_loop(c, method: str, mode: str, res: int, precision: str, steps: int, device, warmup: int) -> list[float]:
     """The reference structure (encode every step) or the bare UNet step, timed per step."""
     import torch
     import torch.nn.functional as F
@@ -94,7 +105,9 @@ def hand_loop(c, method: str, mode: str, res: int, precision: str, steps: int, d
     _frozen_to(c, dtype, {id(p) for p in params}, device)
     c.unet.train()
     # the scripts' AdamW: lr 5e-4 (LoRA) / 5e-6 (DreamBooth), betas (0.9, 0.999), weight decay 1e-2, eps 1e-8
-    opt = torch.optim.AdamW(params, lr=5e-4 if method == "lora" else 5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    # (bare: with adapt's default kernel, fused, so that adapt / bare is what adapt's loop adds to the same work)
+    opt = torch.optim.AdamW(params, lr=5e-4 if method == "lora" else 5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                            fused=True if mode == "bare" else None)
     pixels, ids = _batch(c, method, res, device)
     g = torch.Generator(device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
@@ -127,15 +140,18 @@ def hand_loop(c, method: str, mode: str, res: int, precision: str, steps: int, d
             torch.cuda.synchronize()
 
     times = []
-    for _ in range(steps):
+    for i in range(steps):
+        if i == warmup:
+            reset_peak()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     return times
 
 
-def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: dict) -> list[float]:
-    """adapt's own loop (train.train) at its defaults plus `options` (TrainConfig fields)."""
+def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: dict, warmup: int) -> list[float]:
+    """adapt's own loop (train.train) at its defaults plus `options` (TrainConfig fields); the peak memory
+    restarts after `warmup` steps (a wrapper around train.record, which runs after every optimizer step)."""
     import numpy as np
     from PIL import Image
 
@@ -143,7 +159,18 @@ def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: di
     from adapt.data import Example
     from adapt.methods.full import FullMethod
     from adapt.methods.lora import LoraMethod
+    from adapt import train as loop
     from adapt.train import train
+
+    record = loop.record
+
+    def record_then_reset(run, *args, **kwargs):
+        out = record(run, *args, **kwargs)
+        if run.step == warmup:
+            reset_peak()
+        return out
+
+    loop.record = record_then_reset
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.RandomState(0)
@@ -169,8 +196,10 @@ def measure(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import accelerate, diffusers, peft, transformers  # noqa: E401,F401  (the libraries' own memory is not the training's)
+
+    import adapt.train  # noqa: F401
     before = _kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM counts from here
     if spec["model"] == "bundled":
         from adapt.models import load_components
 
@@ -180,9 +209,9 @@ def measure(spec: dict) -> dict:
     spec = {**spec, "unet_params": sum(p.numel() for p in c.unet.parameters())}  # before any adapter
     total = spec["warmup"] + spec["steps"]
     if spec["mode"] == "adapt":
-        times = adapt_loop(c, spec["method"], spec["res"], spec["precision"], total, spec.get("options", {}))
+        times = adapt_loop(c, spec["method"], spec["res"], spec["precision"], total, spec.get("options", {}), spec["warmup"])
     else:
-        times = hand_loop(c, spec["method"], spec["mode"], spec["res"], spec["precision"], total, device)
+        times = hand_loop(c, spec["method"], spec["mode"], spec["res"], spec["precision"], total, device, spec["warmup"])
     timed = times[spec["warmup"]:]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (_kb("VmHWM") - before) / 1024
     return {**spec, "median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed),
