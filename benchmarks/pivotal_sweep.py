@@ -1,0 +1,81 @@
+"""Pivotal tuning against LoRA and textual inversion on the bundled base (issue 17): eval's distance to
+examples/cat of 16 seeds' images of "an emoji of <sks> cat face", after `steps` steps of each run.
+
+Runs are named on the command line:
+
+* lora: LoRA alone at the model's lr;
+* ti:LR:INIT: textual inversion at lr LR from --init-token INIT;
+* piv:LR:FRACTION:INIT: pivotal tuning, LoRA at the model's lr, embedding at LR, stopped after
+  FRACTION of the steps, from INIT.
+
+    python benchmarks/pivotal_sweep.py --steps 150 lora ti:5e-3:cat piv:1e-4:1:cat piv:1e-3:0.5:sks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LORA, EMBEDS = "pytorch_lora_weights.safetensors", "learned_embeds.safetensors"
+TOKEN, SEEDS = "<sks>", list(range(16))
+
+
+def method(name: str, steps: int, lr: float):
+    """(method, its learning rates, how generate loads its file, the file) for a run's name."""
+    from adapt.config import LoraConfig, TextualInversionConfig
+    from adapt.methods.lora import LoraMethod
+    from adapt.methods.pivotal import PivotalMethod
+    from adapt.methods.textual_inversion import TextualInversionMethod
+
+    kind, *args = name.split(":")
+    if kind == "lora":
+        return LoraMethod(LoraConfig()), {"lr": lr}, "loras", LORA
+    if kind == "ti":
+        return (TextualInversionMethod(TextualInversionConfig(init_token=args[1]), TOKEN), {"lr": float(args[0])},
+                "embeddings", EMBEDS)
+    if kind == "piv":
+        cfg = LoraConfig(pivotal=True, init_token=args[2], embedding_steps_fraction=float(args[1]))
+        return PivotalMethod(cfg, TOKEN, steps), {"lr": lr, "embedding_lr": float(args[0])}, "loras", LORA
+    raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--steps", type=int, default=150)
+    a = ap.parse_args()
+    import torch
+
+    from adapt.config import TrainConfig
+    from adapt.data import instance_examples
+    from adapt.infer import generate, load_pipeline
+    from adapt.metrics import distance_to_set, features
+    from adapt.models import BUNDLED_MODEL, load_components, model_defaults
+    from adapt.train import train
+
+    torch.set_num_threads(2)
+    cat = ROOT / "examples" / "cat"
+    examples, refs = instance_examples(cat, TOKEN, "x"), features(sorted(cat.glob("*.png")))
+    defaults = model_defaults(BUNDLED_MODEL)
+    for name in a.runs:
+        m, rates, kind, file = method(name, a.steps, defaults["lora"]["lr"])
+        start = time.time()
+        with tempfile.TemporaryDirectory() as out:
+            train(load_components(None), m, examples, TrainConfig(steps=a.steps, **rates), Path(out), resolution=64,
+                  progress=False)
+            pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(Path(out) / file), 1.0 if kind == "loras" else None)]})
+            images = generate(pipe, [f"an emoji of {TOKEN} cat face"] * len(SEEDS), SEEDS, steps=25,
+                              guidance=defaults["guidance"], batch_size=16)
+        distance = distance_to_set(features(images), refs)
+        print(json.dumps({"run": name, "steps": a.steps, "distance": round(distance, 3), "s": round(time.time() - start)}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
