@@ -230,7 +230,7 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 def report(results: dict) -> None:
-    print(f"\n{'method':<10} {'res':>4} {'prec':<5} {'mode':<22} {'s/step':>7} {'range':>13} {'peak MB':>8} "
+    print(f"\n{'method':<10} {'res':>4} {'prec':<5} {'mode':<22} {'s/step':>7} {'range':>13} {'warm-up s':>9} {'peak MB':>8} "
           f"{'vs ref':>7} {'vs bare':>7} {'mem vs ref':>10}")
     for (method, res, prec), by_mode in results.items():
         ok = {m: rows for m, rows in by_mode.items() if rows and "error" not in rows[0]}
@@ -244,7 +244,9 @@ def report(results: dict) -> None:
             vs_ref = f"{s / _median(ref, 'median_s'):.2f}x" if ref else "-"
             vs_bare = f"{s / _median(bare, 'median_s'):.2f}x" if bare else "-"
             mem_ref = f"{mem / _median(ref, 'peak_mb'):.2f}x" if ref else "-"
-            print(f"{method:<10} {res:>4} {prec:<5} {mode:<22} {s:>7.2f} {spread:>13} {mem:>8.0f} {vs_ref:>7} {vs_bare:>7} {mem_ref:>10}")
+            warm = _median(rows, "warmup_s")  # the --warmup steps together: compiling, first allocations
+            print(f"{method:<10} {res:>4} {prec:<5} {mode:<22} {s:>7.2f} {spread:>13} {warm:>9.1f} {mem:>8.0f} {vs_ref:>7} "
+                  f"{vs_bare:>7} {mem_ref:>10}")
 
 
 def headline(results: dict) -> None:
