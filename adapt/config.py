@@ -207,7 +207,7 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the UNet (inductor): the first steps are slow while it compiles.")
     channels_last: bool = _f(False, "Keep the UNet's weights and activations in channels-last memory layout.")
     adamw_kernel: str = _f("auto", "torch AdamW's implementation: for, foreach or fused; auto: fused where torch has it for "
-                           "the device (CPU, CUDA), else torch's default.", recipe_only=True)
+                           "the device (CPU, CUDA) unless fp16, else torch's default.", recipe_only=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
     cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
     cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")
