@@ -152,8 +152,7 @@ def hand_loop(c, method: str, mode: str, res: int, precision: str, steps: int, d
 def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: dict, warmup: int) -> list[float]:
     """adapt's own loop (train.train) at its defaults plus `options` (TrainConfig fields); the peak memory
     restarts after `warmup` steps (a wrapper around train.record, which runs after every optimizer step)."""
-    import numpy as np
-    from PIL import Image
+    from sd_models import _images
 
     from adapt.config import LoraConfig, TrainConfig
     from adapt.data import Example
@@ -173,11 +172,7 @@ def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: di
     loop.record = record_then_reset
 
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.RandomState(0)
-        paths = []
-        for i in range(2):
-            paths.append(Path(tmp) / f"{i}.png")
-            Image.fromarray(rng.randint(0, 255, (res, res, 3), dtype=np.uint8)).save(paths[-1])
+        paths = sorted(_images(Path(tmp), res, n=2).glob("*.png"))
         if method == "lora":
             m, examples, lr = LoraMethod(LoraConfig()), [Example(paths[0], "a photo of sks dog")], 1e-4
         else:

@@ -45,13 +45,9 @@ def method(name: str, steps: int, lr: float):
     raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+")
-    ap.add_argument("--steps", type=int, default=150)
-    a = ap.parse_args()
-    import torch
-
+def distance(name: str, steps: int) -> float:
+    """Train run `name` for `steps` steps on examples/cat, render 16 seeds, return eval's distance to the cats
+    (adapt/metrics.py distance_to_set; lower = closer). tests/test_pivotal.py's quality tests call this too."""
     from adapt.config import TrainConfig
     from adapt.data import instance_examples
     from adapt.infer import generate, load_pipeline
@@ -59,22 +55,29 @@ def main() -> None:
     from adapt.models import BUNDLED_MODEL, load_components, model_defaults
     from adapt.train import train
 
+    cat, defaults = ROOT / "examples" / "cat", model_defaults(BUNDLED_MODEL)
+    m, rates, kind, file = method(name, steps, defaults["lora"]["lr"])
+    with tempfile.TemporaryDirectory() as out:
+        train(load_components(None), m, instance_examples(cat, TOKEN, "x"), TrainConfig(steps=steps, **rates), Path(out),
+              resolution=64, progress=False)
+        pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(Path(out) / file), 1.0 if kind == "loras" else None)]})
+        images = generate(pipe, [f"an emoji of {TOKEN} cat face"] * len(SEEDS), SEEDS, steps=25,
+                          guidance=defaults["guidance"], batch_size=16)
+    return distance_to_set(features(images), features(sorted(cat.glob("*.png"))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--steps", type=int, default=150)
+    a = ap.parse_args()
+    import torch
+
     torch.set_num_threads(2)
-    cat = ROOT / "examples" / "cat"
-    examples, refs = instance_examples(cat, TOKEN, "x"), features(sorted(cat.glob("*.png")))
-    defaults = model_defaults(BUNDLED_MODEL)
     for name in a.runs:
-        m, rates, kind, file = method(name, a.steps, defaults["lora"]["lr"])
         start = time.time()
-        with tempfile.TemporaryDirectory() as out:
-            train(load_components(None), m, examples, TrainConfig(steps=a.steps, **rates), Path(out), resolution=64,
-                  progress=False)
-            pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(Path(out) / file), 1.0 if kind == "loras" else None)]})
-            images = generate(pipe, [f"an emoji of {TOKEN} cat face"] * len(SEEDS), SEEDS, steps=25,
-                              guidance=defaults["guidance"], batch_size=16)
-        distance = distance_to_set(features(images), refs)
-        print(json.dumps({"run": name, "steps": a.steps, "distance": round(distance, 3), "s": round(time.time() - start)}),
-              flush=True)
+        d = distance(name, a.steps)
+        print(json.dumps({"run": name, "steps": a.steps, "distance": round(d, 3), "s": round(time.time() - start)}), flush=True)
 
 
 if __name__ == "__main__":

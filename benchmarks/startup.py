@@ -29,20 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from sd_models import _images  # benchmarks/ is this script's folder, first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _images(folder: Path, n: int = 3, size: int = 24) -> Path:
-    """A few small noise images (what they show does not matter for start-up)."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(0)
-    for i in range(n):
-        Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def timed_run(tree: Path, args: list[str], work: Path) -> dict:
@@ -99,7 +89,7 @@ def main() -> None:
     from adapt.models import build_tiny_pipeline
 
     fixed = Path(tempfile.mkdtemp(prefix="adapt-startup-inputs-"))
-    tiny, images = build_tiny_pipeline(fixed / "tiny"), _images(fixed / "images")
+    tiny, images = build_tiny_pipeline(fixed / "tiny"), _images(fixed / "images", 24, n=3)  # noise: content does not matter
     trees = [t.resolve() for t in a.trees]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load avg at start {os.getloadavg()[0]:.1f}")
     tiny_args = ["lora", "--images", str(images), "--token", "<t>", "--model", str(tiny), "--steps", "2", "--resolution", "16"]
