@@ -288,7 +288,11 @@ def main() -> None:
         print(json.dumps(measure(json.loads(a.one))))
         return
     if a.from_log:
+        if not a.from_log.is_file():
+            p.error(f"--from-log {a.from_log}: no such file; pass the output an earlier run printed")
         rows = [json.loads(line) for line in a.from_log.read_text().splitlines() if line.startswith("{")]
+        if not rows:
+            p.error(f"--from-log {a.from_log}: no result lines (JSON objects) in it")
         return summarise(rows)
     resolutions = [int(r) for r in a.resolutions.split(",")]
     specs = []
