@@ -177,6 +177,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "schedule-free-adamw")
 OPTIMIZER_PACKAGES = {"prodigy": "prodigyopt", "schedule-free-adamw": "schedulefree"}  # optional: pip install "adapt[optimizers]"
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 ADAMW_KERNELS = ("auto", "for", "foreach", "fused")
+FUSED_BACKWARD = ("auto", "on", "off")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 LOSSES = ("mse", "huber", "smooth-l1")
 HUBER_SCHEDULES = ("constant", "snr", "exponential")
@@ -208,6 +209,9 @@ class TrainConfig:
     channels_last: bool = _f(False, "Keep the UNet's weights and activations in channels-last memory layout.")
     adamw_kernel: str = _f("auto", "torch AdamW's implementation: for, foreach or fused; auto: fused where torch has it for "
                            "the device (CPU, CUDA) unless fp16, else torch's default.", recipe_only=True)
+    fused_backward: str = _f("auto", "Step each weight inside backward as soon as its gradient is complete, then free the gradient: a full "
+                             "fine-tune never holds all gradients (SD 1.5: 3.2 GiB less); clipping is then per weight tensor. "
+                             "auto: on for 100M+ trainable parameters with adamw/adamw8bit, one process, no --grad-accum, not fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
     cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
     cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")
@@ -243,6 +247,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("mixed precision", self.mixed_precision, PRECISIONS)
         _choice("AdamW kernel", self.adamw_kernel, ADAMW_KERNELS)
+        _choice("--fused-backward value", self.fused_backward, FUSED_BACKWARD)
         _choice("lr scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("loss", self.loss, LOSSES)
         _choice("huber schedule", self.huber_schedule, HUBER_SCHEDULES)

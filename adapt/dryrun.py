@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .data import instance_examples
-from .estimate import estimate
+from .estimate import choose_fused_backward, estimate
 from .models import native_resolution, resolve_model
 from .plan import Plan
 from .precision import choose_for_model
@@ -54,7 +54,8 @@ def estimate_lines(plan: Plan, model, resolution: int, prior: bool) -> list[str]
                        optimizer=cfg.optimizer, targets=tuple(lora.target_modules) if lora else (), rank=lora.rank if lora else 4,
                        checkpointing=cfg.gradient_checkpointing, device=device, gpu_name=gpu, prior=prior,
                        keep_encoders=not cfg.cache_latents or bool(cfg.validation_prompt),
-                       ema=cfg.ema_decay > 0 and not cfg.ema_on_cpu)
+                       ema=cfg.ema_decay > 0 and not cfg.ema_on_cpu,
+                       fused=lambda n_train: choose_fused_backward(cfg, n_train, cfg.num_processes, precision)[0])
     except (OSError, KeyError, ValueError) as e:
         return [f"estimate: not available for this model ({e})"]
     where = f"{device}{f' ({gpu})' if gpu else ''}, {precision if precision != 'no' else 'fp32'} ({why})"

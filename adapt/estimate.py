@@ -22,6 +22,9 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from .errors import AdaptError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 PRECISION_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
@@ -136,14 +139,43 @@ def throughput(device: str, precision: str, gpu_name: str = "") -> tuple[float, 
     return peak * GPU_EFFICIENCY, False
 
 
+# --fused-backward auto: on from this many trainable parameters (a full UNet: SD 1.5's has 860M, 3.2 GiB of fp32
+# gradients); a LoRA's gradients are megabytes, and the bundled base's full UNet (11M) 44 MB.
+FUSED_BACKWARD_MIN_PARAMS = 100_000_000
+
+
+def choose_fused_backward(cfg, n_train: int, n_proc: int, precision: str | None = None) -> tuple[bool, str | None]:
+    """Whether a run (`cfg`: its TrainConfig; `precision` if auto was settled apart from it) steps each weight inside
+    backward (optim.StepInBackward), and why (None: off as asked, or auto for a small run: nothing to say). Not where
+    a step needs all gradients at once: Prodigy's and schedule-free's step sizes, fp16's loss scaling (unscale, then
+    skip the whole step on an inf), data-parallel averaging, gradient accumulation (every gradient is kept until the
+    last micro-batch anyway). --fused-backward on with one of those is an error; auto is then off."""
+    conflicts = [why for bad, why in (
+        (cfg.optimizer not in ("adamw", "adamw8bit"), f"--optimizer {cfg.optimizer} steps all weights together"),
+        ((precision or cfg.mixed_precision) == "fp16", "fp16's loss scaling checks every gradient before a step"),
+        (n_proc > 1, "data-parallel processes average the gradients after backward"),
+        (cfg.grad_accum > 1, "gradient accumulation keeps every gradient until the last micro-batch"),
+    ) if bad]
+    if cfg.fused_backward == "on" and conflicts:
+        raise AdaptError(f"--fused-backward on cannot work here: {conflicts[0]}; use --fused-backward off")
+    if cfg.fused_backward == "off" or (cfg.fused_backward == "auto" and n_train < FUSED_BACKWARD_MIN_PARAMS):
+        return False, None
+    if conflicts:
+        return False, conflicts[0]
+    return True, (f"{n_train / 1e6:.0f}M trainable parameters: each weight steps as soon as its gradient is complete, "
+                  f"which is then freed, so the {4 * n_train / 2**30:.1f} GiB of gradients are never held at once"
+                  + ("; gradient clipping is per weight tensor" if cfg.max_grad_norm > 0 else ""))
+
+
 def estimate(model: Path, *, kind: str, resolution: int, batch: int, precision: str = "no", optimizer: str = "adamw",
              targets: tuple[str, ...] = ("to_q", "to_k"), rank: int = 4, checkpointing: bool = False,
              device: str = "cpu", gpu_name: str = "", prior: bool = False, keep_encoders: bool = False,
-             ema: bool = False) -> Estimate:
+             ema: bool = False, fused: Callable[[int], bool] | None = None) -> Estimate:
     """Peak memory and time per step of training `model` this way. `kind`: lora | full | embedding | pivotal;
     `prior`: prior preservation doubles the images per step; `keep_encoders`: the VAE and text
     encoders stay loaded while training (no cache, validation renders); `ema`: a moving average of
-    the trainable weights on the device (one more fp32 copy)."""
+    the trainable weights on the device (one more fp32 copy); `fused(n_train)`: whether the run steps in backward
+    (choose_fused_backward), so that at most one weight's gradient (the largest) is held."""
     model = Path(model)
     unet = component_tensors(model, "unet")
     config = json.loads((model / "unet" / "config.json").read_text())
@@ -160,7 +192,7 @@ def estimate(model: Path, *, kind: str, resolution: int, batch: int, precision: 
     act = ACT_BYTES[kind] * volume * images * (PRECISION_BYTES[precision] / 4 if precision != "no" else 1)
     parts = {
         "weights": int(frozen_bytes + 4 * n_train),
-        "gradients": int(4 * n_train),
+        "gradients": int(4 * (min(n_train, max(_numel(s) for s, _ in unet.values())) if fused and fused(n_train) else n_train)),
         "optimizer": int((OPTIMIZER_STATE_BYTES.get(optimizer, 8) + (4 if ema else 0)) * n_train),
         "activations": int(act * (CKPT_FRACTION if checkpointing else 1.0)),
         "encoders": sum(_bytes(component_tensors(model, c)) for c in ("vae", "text_encoder", "text_encoder_2")

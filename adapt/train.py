@@ -36,6 +36,7 @@ from .ema import save_artifact, swapped
 from .errors import AdaptError
 from .losses import diffusion_loss
 from .masks import batch_mask
+from .optim import armed, release, steps_in_backward
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
 from .run import Run, eval_weights, setup, train_weights
 from .signals import graceful_stop
@@ -58,11 +59,19 @@ def train(components, method, examples: list[Example], cfg: TrainConfig, out_dir
     run = setup(components, method, examples, cfg, Path(out_dir), resolution=resolution, random_flip=random_flip,
                 bucket_step=bucket_step, recipe=recipe, progress=progress, mask_from_alpha=mask_from_alpha,
                 validation=validation)
+    try:
+        return loop(run, cfg, progress, stop)
+    finally:
+        release(run.optimizer)  # --fused-backward's hooks: the weights must not step by themselves after the run
+
+
+def loop(run: Run, cfg: TrainConfig, progress: bool, stop) -> dict:
+    """The steps from where `run` stands to cfg.steps, then `finish`."""
     acc = run.accelerator
     if acc.is_main_process:
         start_metrics(run.metrics_path, run.step)  # a resumed run continues the file
     if cfg.log_with:
-        acc.init_trackers("adapt", config=tracker_scalars(recipe or {}))
+        acc.init_trackers("adapt", config=tracker_scalars(run.recipe or {}))
     bar = tqdm(total=cfg.steps, initial=run.step, desc="training", unit="step", disable=not (progress and acc.is_main_process))
     start = last = time.perf_counter()
     running = 0.0
@@ -131,6 +140,7 @@ def train_step(run: Run, d: Draw) -> float | None:
                 if k < len(chunks) - 1:
                     for m in run.modules:
                         sync.enter_context(acc.no_sync(m))
+                armed(run.optimizer, acc.sync_gradients and k == len(chunks) - 1)  # --fused-backward: steps in this backward
                 loss = chunk_loss(run, d, js)
                 part = acc.reduce(loss.detach().float(), reduction="mean").item()
                 if not math.isfinite(part):  # checked before backward: a bad batch never reaches the weights
@@ -141,7 +151,7 @@ def train_step(run: Run, d: Draw) -> float | None:
         if bad is not None:
             skip_nonfinite(run, bad)
             return None
-        if acc.sync_gradients and run.cfg.max_grad_norm > 0:
+        if acc.sync_gradients and run.cfg.max_grad_norm > 0 and not steps_in_backward(run.optimizer):
             acc.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
         run.optimizer.step()
         run.lr_scheduler.step()
