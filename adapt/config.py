@@ -93,7 +93,8 @@ class LoraConfig:
     rank_stabilised: bool = _f(False, "rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank (lora and dora).")
     pivotal: bool = _f(False, "Pivotal tuning: also learn the token as a new word (its embedding, as textual inversion does) together "
                        "with the LoRA; the embedding is saved beside the LoRA file and inside the kohya one. Needs --init-token.")
-    init_token: str | None = _f(None, "With --pivotal: an existing single-token word the new embedding starts from, e.g. 'cat'.")
+    init_token: str | None = _f(None, "With --pivotal: an existing single-token word the new embedding starts from, e.g. 'cat' "
+                                   "(or a phrase of exactly --num-vectors tokens: one vector from each).")
     num_vectors: int = _f(1, "With --pivotal: embedding vectors for the token (more = more capacity; token, token_1, ...).")
     embedding_steps_fraction: float = _f(1.0, "With --pivotal: the embedding learns during this fraction of the steps, then "
                                          "stays as it is (learning rate 0) while the LoRA goes on; 1 = the whole run.")
@@ -160,7 +161,8 @@ class DreamBoothConfig:
 
 @dataclass
 class TextualInversionConfig:
-    init_token: str | None = _f(None, "An existing single-token word the new embedding starts from, e.g. 'cat'.")
+    init_token: str | None = _f(None, "An existing single-token word the new embedding starts from, e.g. 'cat' (or a phrase of "
+                                   "exactly --num-vectors tokens: one vector from each).")
     num_vectors: int = _f(1, "Embedding vectors for the token (more = more capacity; token, token_1, ...).")
     property: str = _f("object", "Prompt templates around the token: object or style (caption files override).")
     format: str = _f("diffusers", "Embedding file format(s): diffusers, or a1111 to also write the A1111/ComfyUI file.")

@@ -5,10 +5,11 @@ Runs are named on the command line:
 
 * lora: LoRA alone at the model's lr;
 * ti:LR:INIT: textual inversion at lr LR from --init-token INIT;
-* piv:LR:FRACTION:INIT: pivotal tuning, LoRA at the model's lr, embedding at LR, stopped after
-  FRACTION of the steps, from INIT.
+* piv:LR:FRACTION:INIT[:N]: pivotal tuning, LoRA at the model's lr, embedding at LR, stopped after
+  FRACTION of the steps, from INIT, with N vectors (default 1; INIT "<sks>" with N 3 starts each
+  vector from one of the token's own pieces < sks >, where LoRA alone starts).
 
-    python benchmarks/pivotal_sweep.py --steps 150 lora ti:5e-3:cat piv:1e-4:1:cat piv:1e-3:0.5:sks
+    python benchmarks/pivotal_sweep.py --steps 150 lora ti:5e-3:cat piv:1e-4:1:cat piv:1e-3:0.5:sks piv:1e-4:1:<sks>:3
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def method(name: str, steps: int, lr: float):
         return (TextualInversionMethod(TextualInversionConfig(init_token=args[1]), TOKEN), {"lr": float(args[0])},
                 "embeddings", EMBEDS)
     if kind == "piv":
-        cfg = LoraConfig(pivotal=True, init_token=args[2], embedding_steps_fraction=float(args[1]))
+        cfg = LoraConfig(pivotal=True, init_token=args[2], embedding_steps_fraction=float(args[1]),
+                         num_vectors=int(args[3]) if len(args) > 3 else 1)
         return PivotalMethod(cfg, TOKEN, steps), {"lr": lr, "embedding_lr": float(args[0])}, "loras", LORA
-    raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT")
+    raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT[:N]")
 
 
 def distance(name: str, steps: int) -> float:
@@ -70,10 +72,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     for name in a.runs:
         start = time.time()
         d = distance(name, a.steps)

@@ -154,3 +154,24 @@ def test_a1111_file_is_named_as_its_prompt_word(tmp_path, caplog):
                                                                    "b/a1111/learned_embeds.safetensors"]
     assert list(load_file(str(clash[0]))) == ["learned_embeds"] and list(load_file(str(clash[1]))) == ["emb_params"]
     assert read_embedding(clash[1])[0] == "learned_embeds"
+
+
+def test_a_phrase_of_n_tokens_starts_n_vectors_from_its_pieces(tiny_model, tmp_path):
+    """--init-token "<new>" --num-vectors 3: the token's rows start from its own pieces < new >, so the text
+    encoder sees exactly what it saw before the token was a word (pivotal tuning then starts where LoRA alone does)."""
+    c = load_components(tiny_model)
+
+    def encode(prompt):
+        ids = c.tokenizer(prompt, padding="max_length", max_length=c.tokenizer.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return c.text_encoder(ids)[0], ids
+
+    before, old_ids = encode("a photo of <new> cat")
+    method = TextualInversionMethod(TextualInversionConfig(init_token="<new>", num_vectors=3), "<new>")
+    method.prepare(c)
+    after, new_ids = encode(method.prompt("a photo of <new> cat"))
+    assert not torch.equal(old_ids, new_ids) and set(method.ids) <= set(new_ids[0].tolist())  # the new words are in it
+    assert torch.equal(before, after)
+    c = load_components(tiny_model)
+    with pytest.raises(AdaptError, match=r"--init-token '<new>' is 3 tokens .*--num-vectors 3"):
+        TextualInversionMethod(TextualInversionConfig(init_token="<new>", num_vectors=2), "<new>").prepare(c)

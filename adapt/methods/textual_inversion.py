@@ -1,12 +1,13 @@
 """Textual inversion: a new word for the text encoder; only its embedding row(s) learn.
 
 The token (and `token_1 ... token_{N-1}` for `--num-vectors N`, diffusers' naming) is added to the
-tokenizer, the embedding matrix grows, the new rows start from `--init-token`'s embedding. The
-optimizer sees the embedding matrix, and after every step all the other rows are copied back from
-the base, so they stay bit-identical; every other parameter is frozen. Prompts that name the token
-expand to all its vectors. Saved as `learned_embeds.safetensors` = {token: [N, dim]} (diffusers'
-`load_textual_inversion` format), optionally also in the A1111/ComfyUI format ({"emb_params"}) as
-`<token>.safetensors`, the file name being the prompt word in those UIs.
+tokenizer, the embedding matrix grows, the new rows start from `--init-token`'s embedding (a
+phrase of N tokens for N vectors: one row each). The optimizer sees the embedding matrix, and
+after every step all the other rows are copied back from the base, so they stay bit-identical;
+every other parameter is frozen. Prompts that name the token expand to all its vectors. Saved as
+`learned_embeds.safetensors` = {token: [N, dim]} (diffusers' `load_textual_inversion` format),
+optionally also in the A1111/ComfyUI format ({"emb_params"}) as `<token>.safetensors`, the file
+name being the prompt word in those UIs.
 """
 
 from __future__ import annotations
@@ -44,13 +45,20 @@ def check_new_token(tokenizer, token: str) -> None:
         raise AdaptError(f"the token {token!r} already exists in the vocabulary; pick a new word such as '<{token.strip('<>')}-ti>'")
 
 
-def init_token_id(tokenizer, init_token: str) -> int:
+def init_token_ids(tokenizer, init_token: str, num_vectors: int) -> list[int]:
+    """The ids the token's `num_vectors` rows start from: a single-token word for every row, or a phrase of
+    exactly `num_vectors` tokens, one per row (diffusers' advanced DreamBooth script's --initializer_concept).
+    Starting from the token's own pieces (`--init-token "<sks>" --num-vectors 3` for the three tokens < sks >)
+    gives the text encoder exactly the input it had before the token was a word."""
     ids = tokenizer(init_token, add_special_tokens=False).input_ids
-    if len(ids) != 1:
+    if len(ids) == 1:
+        return ids * num_vectors
+    if len(ids) != num_vectors:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise AdaptError(f"--init-token {init_token!r} is {len(ids)} tokens ({' '.join(pieces)}); pass a single "
-                         f"existing word, e.g. --init-token {pieces[0].replace('</w>', '') if pieces else 'cat'}")
-    return ids[0]
+        raise AdaptError(f"--init-token {init_token!r} is {len(ids)} tokens ({' '.join(pieces)}); pass a single existing "
+                         f"word (e.g. --init-token {pieces[0].replace('</w>', '') if pieces else 'cat'}), or --num-vectors "
+                         f"{len(ids)} to start one vector from each token")
+    return ids
 
 
 class TextualInversionMethod(Method):
@@ -86,7 +94,7 @@ class TextualInversionMethod(Method):
         self.rows = {}  # encoder name -> (new row ids, original weight, mask of rows to keep)
         for name, tok in zip(self.trainable_modules, components.tokenizers):
             te = getattr(components, name)
-            init_id = init_token_id(tok, self.init_token)
+            init_ids = init_token_ids(tok, self.init_token, len(self.tokens))
             for t in self.tokens:
                 check_new_token(tok, t)
             tok.add_tokens(self.tokens)
@@ -94,7 +102,7 @@ class TextualInversionMethod(Method):
             te.resize_token_embeddings(len(tok))
             weight = te.get_input_embeddings().weight
             with torch.no_grad():
-                weight[ids] = weight[init_id].clone()
+                weight[ids] = weight[init_ids].clone()
             keep = torch.ones(weight.shape[0], dtype=torch.bool)
             keep[ids] = False
             self.rows[name] = (ids, weight.detach().clone(), keep)
