@@ -117,7 +117,7 @@ def adamw_kernel(cfg: TrainConfig, groups: list[dict]) -> str:
 
 
 def fused_backward(cfg: TrainConfig, n_train: int, n_proc: int) -> bool:
-    """Whether this run steps each weight inside backward (StepInBackward; the choice: estimate.fused_backward), logged."""
+    """Whether this run steps each weight inside backward (StepInBackward; the choice: estimate.choose_fused_backward), logged."""
     on, why = choose_fused_backward(cfg, n_train, n_proc)
     if why:
         log.info("fused backward: %s (%s)", "on" if on else "off", why)
@@ -183,18 +183,22 @@ class StepInBackward(torch.optim.Optimizer):
         self.handles = []
 
 
+def unwrapped(optimizer):
+    """The optimizer inside accelerate's wrapper (the optimizer itself before `prepare`)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def armed(optimizer, on: bool) -> None:
     """Whether the next backward steps the weights (StepInBackward; other optimizers: nothing to do)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
-    if isinstance(inner, StepInBackward):
-        inner.armed = on
+    if steps_in_backward(optimizer):
+        unwrapped(optimizer).armed = on
 
 
 def steps_in_backward(optimizer) -> bool:
-    return isinstance(getattr(optimizer, "optimizer", optimizer), StepInBackward)
+    return isinstance(unwrapped(optimizer), StepInBackward)
 
 
 def release(optimizer) -> None:
     """After a run: StepInBackward's hooks removed (other optimizers hold none)."""
     if steps_in_backward(optimizer):
-        getattr(optimizer, "optimizer", optimizer).close()
+        unwrapped(optimizer).close()

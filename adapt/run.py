@@ -22,7 +22,7 @@ from .ema import make_ema
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
 from .masks import latent_masks
-from .optim import make_schedule
+from .optim import make_schedule, unwrapped
 from .precision import choose_for
 from .validation import HeldOut, fixed_set, restore
 
@@ -123,8 +123,8 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
                       run.world, recipe, run.ema and run.ema.shadow)
         run.step, run.losses, order.pending = loop["step"], loop["losses"], loop["pending"]
         restore(run, loop)
-    if callable(getattr(_inner(optimizer), "train", None)):
-        _inner(optimizer).train()  # schedule-free steps only in train mode (a checkpoint's state is already in it)
+    if callable(getattr(unwrapped(optimizer), "train", None)):
+        unwrapped(optimizer).train()  # schedule-free steps only in train mode (a checkpoint's state is already in it)
     return run
 
 
@@ -211,18 +211,13 @@ def make_caches(c, method, examples: list[Example], cfg: TrainConfig, sizes: dic
     return latents, texts
 
 
-def _inner(optimizer):
-    """The optimizer inside accelerate's wrapper; schedule-free ones (only they) have .train() and .eval()."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 def eval_weights(run: Run, keep: bool = True) -> list | None:
     """Schedule-free optimizers train at one point (y) and are evaluated at another (x, the average of
     their iterates): switch the trainable weights to x for validation and saving. Returns copies of
     the training weights for `train_weights` (with `keep`); None for other optimizers (nothing to do).
     Checkpoints keep the training weights and the optimizer's state as they are: exact to resume, and
     no process's weights change because only the main process saves."""
-    sf = _inner(run.optimizer)
+    sf = unwrapped(run.optimizer)
     if not callable(getattr(sf, "eval", None)):
         return None
     kept = [p.detach().to("cpu", copy=True) for p in run.params] if keep else None
@@ -235,7 +230,7 @@ def train_weights(run: Run, kept: list | None) -> None:
     """Back to training after eval_weights: the exact weights from before (a copy; the optimizer's own
     x -> y would round them, and validation would change the training)."""
     if kept is not None:
-        _inner(run.optimizer).train()
+        unwrapped(run.optimizer).train()
         with torch.no_grad():
             for p, k in zip(run.params, kept):
                 p.copy_(k)

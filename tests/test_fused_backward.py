@@ -114,7 +114,7 @@ def test_the_estimate_holds_one_gradient_when_fused(tiny_model):
     assert estimate(tiny_model, kind="full", resolution=64, batch=1, fused=lambda n: False).parts == full.parts
 
 
-def _full(tiny_model, concept_dir, out, caplog=None, **cfg):
+def _full(tiny_model, concept_dir, out, **cfg):
     c = load_components(tiny_model)
     examples = instance_examples(concept_dir, "<sks>", "a photo of {token} dog")
     result = train(c, FullMethod(), examples, TrainConfig(**{"steps": 3, "lr": 1e-3, "max_grad_norm": 0.0, **cfg}), out,
