@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdaptError
+from .estimate import choose_fused_backward
 from .logs import check_installed
 from .schedulers import DEFAULT_SCHEDULER, check_scheduler
 
@@ -282,6 +283,8 @@ class TrainConfig:
             raise AdaptError(f"unknown tracker {self.log_with!r}; choose one of: tensorboard")
         if self.num_processes < 1 or self.validation_every < 0:
             raise AdaptError("--num-processes must be >= 1 and --validation-every >= 0")
+        if self.fused_backward == "on":  # what conflicts already here fails now, before a model loads (optim decides the rest)
+            choose_fused_backward(self, 0, self.num_processes)
         if not 0.0 <= self.validation_split < 1.0:
             raise AdaptError(f"--validation-split must be in [0, 1), got {self.validation_split}")
         if self.validation_split and self.validation_images:

@@ -145,6 +145,7 @@ LIGHT = {
     "models",                                                # plan resolves --model (its adapt.json)
     "fileio", "untrusted",                                   # plan (RECIPE_FILE), models (folder checks)
     "locks",                                                 # run_plan refuses a held run folder first
+    "estimate",                                              # config: --fused-backward on's conflicts
 }
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "PIL")
 # In-function imports a non-LIGHT module may keep: optional, slow, and needed for one option only.
