@@ -215,6 +215,9 @@ class TrainConfig:
     fused_backward: str = _f("auto", "Step each weight inside backward as soon as its gradient is complete, then free the gradient: a full "
                              "fine-tune never holds all gradients (SD 1.5: 3.2 GiB less); clipping is then per weight tensor. "
                              "auto: on for 100M+ trainable parameters with adamw/adamw8bit, one process, no --grad-accum, not fp16.")
+    recast_weights: bool = _f(True, "Under mixed precision, cast each trainable weight again in backward instead of keeping "
+                              "autocast's low-precision copy from forward (same gradients; a full SD 1.5 fine-tune holds ~1.1 GiB "
+                              "less). Off with --compile.", recipe_only=True)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: much less memory, ~20-30% slower.")
     cache_latents: bool = _f(True, "Encode each image (and its flip) with the VAE once, then free the VAE.")
     cache_text: bool = _f(True, "Encode each distinct prompt once when the text encoder is frozen, then free it.")

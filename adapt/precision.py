@@ -10,6 +10,7 @@ spends more on casting than it gains (measured with benchmarks/compare.py; READM
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,3 +74,46 @@ def choose_for_model(requested: str, device, model: Path) -> tuple[str, str]:
     """`choose_for` with the UNet's size read from the model folder's safetensors headers (nothing loaded)."""
     unet_params = sum(math.prod(shape) for shape, _ in component_tensors(Path(model), "unet").values())
     return choose_for(requested, device, unet_params)
+
+
+# Autocast saves, for backward, the bf16/fp16 copy it casts of each fp32 trainable weight (860M weights of
+# a full SD 1.5 UNet: ~1.1 GiB of copies, alive from forward until backward reaches their layer). The weight
+# itself is kept anyway, so these hooks save a note instead and cast again when backward needs it: the same
+# values (gradients bit-identical, tests/test_precision.py), one cast more per weight, the copies never held.
+class _Recast:
+    __slots__ = ("weight", "dtype", "device", "version")
+
+    def __init__(self, weight, copy):
+        self.weight, self.dtype, self.device, self.version = weight, copy.dtype, copy.device, weight._version
+
+
+def _pack(t):
+    fn = t.grad_fn
+    if fn is not None and fn.name() == "ToCopyBackward0":
+        weight = getattr(fn.next_functions[0][0], "variable", None)  # a leaf (AccumulateGrad): a trainable weight
+        if weight is not None and weight.dtype != t.dtype and weight.shape == t.shape:
+            return _Recast(weight, t)
+    return t
+
+
+def _unpack(t):
+    if type(t) is not _Recast:
+        return t
+    if t.weight._version != t.version:
+        raise RuntimeError("a trainable weight changed between forward and backward; its cast copy cannot be remade")
+    return t.weight.detach().to(device=t.device, dtype=t.dtype)
+
+
+@contextmanager
+def autocast(accelerator, recast: bool = True):
+    """The accelerator's autocast; under mixed precision with `recast`, the cast copies of trainable weights
+    are not kept for backward (above) and autocast's cast cache is off (it would keep them until the block ends)."""
+    if not recast or accelerator.mixed_precision == "no":
+        with accelerator.autocast():
+            yield
+        return
+    from accelerate.utils import AutocastKwargs
+
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack), \
+            accelerator.autocast(AutocastKwargs(cache_enabled=False)):
+        yield

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 MODES = ("reference", "adapt", "bare")
 VARIANTS = {"compile": {"compile": True}, "channels_last": {"channels_last": True}, "fused": {"adamw_kernel": "fused"},
             "foreach": {"adamw_kernel": "foreach"}, "for": {"adamw_kernel": "for"},
-            "fused_backward_off": {"fused_backward": "off"}}  # auto steps a full UNet inside backward
+            "fused_backward_off": {"fused_backward": "off"},  # auto steps a full UNet inside backward
+            "recast_off": {"recast_weights": False}}  # keep autocast's cast copies of trainable weights for backward
 DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

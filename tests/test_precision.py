@@ -121,3 +121,81 @@ def test_compile_compiles_the_unet_in_place(tiny_model):
     trainable_parameters(c, LoraMethod(LoraConfig()), TrainConfig(compile=True, mixed_precision="no"), torch.device("cpu"))
     assert c.unet._compiled_call_impl is not None
     assert not any("_orig_mod" in n for n, _ in c.unet.named_parameters())
+
+
+class _Accel:  # what precision.autocast reads of an Accelerator
+    def __init__(self, mixed_precision: str):
+        from accelerate.utils import AutocastKwargs
+
+        self.mixed_precision = mixed_precision
+
+        def autocast(handler=AutocastKwargs()):
+            return torch.autocast("cpu", torch.bfloat16, enabled=mixed_precision != "no", cache_enabled=handler.cache_enabled)
+        self.autocast = autocast
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_recast_weights_give_the_same_gradients_and_read_the_weight_in_backward(checkpointing):
+    """Under bf16 autocast with recast, backward casts the fp32 weight again: gradients are bit-identical to
+    autocast's own, and a weight changed in place after forward is refused, not silently used (so backward
+    reads the weight, not a copy kept from forward). With gradient checkpointing too."""
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for recast in (False, True):
+        net = _conv_net()
+        with precision.autocast(_Accel("bf16"), recast=recast):
+            y = torch.utils.checkpoint.checkpoint(net, x, use_reentrant=False) if checkpointing else net(x)
+        y.float().square().sum().backward()
+        grads[recast] = [p.grad for p in net.parameters()]
+        assert y.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+    net = _conv_net()
+    with precision.autocast(_Accel("bf16")):
+        y = net(x)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="changed between forward and backward"):
+        y.float().sum().backward()
+
+
+def test_recast_keeps_no_cast_copy_alive_after_forward():
+    """The low-precision copy of a trainable weight dies with forward (only a note of it is saved);
+    without recast, or for a frozen weight, what autograd needs is kept as usual."""
+    import weakref
+
+    w = torch.randn(8, 8, requires_grad=True)
+    frozen = torch.randn(8, 8).to(torch.bfloat16)
+    x = torch.randn(2, 8, dtype=torch.bfloat16, requires_grad=True)
+    for recast, alive in ((True, False), (False, True)):
+        with precision.autocast(_Accel("bf16"), recast=recast):
+            copy = w.to(torch.bfloat16)
+            y = (x @ copy) @ frozen
+        ref = weakref.ref(copy)
+        del copy
+        assert (ref() is not None) == alive, recast
+        y.float().sum().backward()
+        assert w.grad is not None
+        w.grad = None
+    with precision.autocast(_Accel("no")):  # no mixed precision: nothing to recast, torch's autocast stays off
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_recast_weights_train_a_full_fine_tune_bit_identically(tiny_model, concept_dir, tmp_path):
+    from adapt.methods.full import FullMethod
+
+    examples = instance_examples(concept_dir, "<sks>", "a photo of {token} dog")
+    after = {}
+    for recast in (True, False):
+        c = load_components(tiny_model)
+        train(c, FullMethod(), examples, TrainConfig(steps=2, lr=1e-3, mixed_precision="bf16", recast_weights=recast),
+              tmp_path / str(recast), resolution=16, progress=False)
+        after[recast] = dict(c.unet.named_parameters())
+    start = dict(load_components(tiny_model).unet.named_parameters())
+    assert any(not torch.equal(start[k], v) for k, v in after[True].items())
+    assert all(torch.equal(after[True][k], after[False][k]) for k in start)
