@@ -104,16 +104,27 @@ def _unpack(t):
     return t.weight.detach().to(device=t.device, dtype=t.dtype)
 
 
+def recasts(cfg) -> bool:
+    """Whether a run with this TrainConfig (its precision settled) recasts trainable weights in backward."""
+    return cfg.recast_weights and not cfg.compile and cfg.mixed_precision != "no"
+
+
+def autocast_kwargs(cfg):
+    """The Accelerator's autocast settings: with recast, autocast's cast cache is off. It would keep every cast
+    copy until the outermost autocast block ends (the end of forward), and accelerate wraps the prepared
+    model's forward in an autocast of its own, which turns the cache back on unless told here."""
+    from accelerate.utils import AutocastKwargs
+
+    return AutocastKwargs(cache_enabled=False) if recasts(cfg) else AutocastKwargs()
+
+
 @contextmanager
-def autocast(accelerator, recast: bool = True):
-    """The accelerator's autocast; under mixed precision with `recast`, the cast copies of trainable weights
-    are not kept for backward (above) and autocast's cast cache is off (it would keep them until the block ends)."""
-    if not recast or accelerator.mixed_precision == "no":
+def autocast(accelerator, recast: bool):
+    """The accelerator's autocast; with `recast` (an accelerator made with `autocast_kwargs`), the cast copies of
+    trainable weights are not kept for backward (above)."""
+    if not recast:
         with accelerator.autocast():
             yield
         return
-    from accelerate.utils import AutocastKwargs
-
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack), \
-            accelerator.autocast(AutocastKwargs(cache_enabled=False)):
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack), accelerator.autocast():
         yield

@@ -23,7 +23,7 @@ from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
 from .masks import latent_masks
 from .optim import make_schedule, unwrapped
-from .precision import choose_for
+from .precision import autocast_kwargs, choose_for
 from .validation import HeldOut, fixed_set, restore
 
 log = logging.getLogger("adapt")
@@ -146,6 +146,7 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
         except ImportError:
             raise AdaptError("--log-with tensorboard needs the tensorboard package: pip install tensorboard") from None
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                       kwargs_handlers=[autocast_kwargs(cfg)],  # precision.py: no autocast cast cache with recast
                        log_with=cfg.log_with, project_dir=str(Path(out_dir) / "logs") if cfg.log_with else None)
 
 

@@ -37,7 +37,7 @@ from .errors import AdaptError
 from .losses import diffusion_loss
 from .masks import batch_mask
 from .optim import armed, release, steps_in_backward
-from .precision import autocast
+from .precision import autocast, recasts
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
 from .run import Run, eval_weights, setup, train_weights
 from .signals import graceful_stop
@@ -166,7 +166,7 @@ def chunk_loss(run: Run, d: Draw, js: list[int]):
     dist = DiagonalGaussianDistribution(run.latents.params(batch, [d.flipped[j] for j in js]))
     eps = torch.stack([d.samples[j][0] for j in js]).to(dist.mean.dtype)
     latents = (dist.mean + dist.std * eps) * run.latents.scaling_factor
-    with autocast(run.accelerator, recast=run.cfg.recast_weights and not run.cfg.compile):
+    with autocast(run.accelerator, recasts(run.cfg)):
         cond = run.texts.conditioning(batch, [d.prompts[j] for j in js])
         hidden = cond.pop("encoder_hidden_states")
         return diffusion_loss(c.unet, c.noise_scheduler, latents, hidden, d.weights[js],

@@ -123,15 +123,11 @@ def test_compile_compiles_the_unet_in_place(tiny_model):
     assert not any("_orig_mod" in n for n, _ in c.unet.named_parameters())
 
 
-class _Accel:  # what precision.autocast reads of an Accelerator
-    def __init__(self, mixed_precision: str):
-        from accelerate.utils import AutocastKwargs
+class _Accel:  # what precision.autocast reads of an Accelerator made with precision.autocast_kwargs
+    mixed_precision = "bf16"
 
-        self.mixed_precision = mixed_precision
-
-        def autocast(handler=AutocastKwargs()):
-            return torch.autocast("cpu", torch.bfloat16, enabled=mixed_precision != "no", cache_enabled=handler.cache_enabled)
-        self.autocast = autocast
+    def autocast(self):
+        return torch.autocast("cpu", torch.bfloat16, cache_enabled=False)
 
 
 def _conv_net():
@@ -149,14 +145,14 @@ def test_recast_weights_give_the_same_gradients_and_read_the_weight_in_backward(
     grads = {}
     for recast in (False, True):
         net = _conv_net()
-        with precision.autocast(_Accel("bf16"), recast=recast):
+        with precision.autocast(_Accel(), recast):
             y = torch.utils.checkpoint.checkpoint(net, x, use_reentrant=False) if checkpointing else net(x)
         y.float().square().sum().backward()
         grads[recast] = [p.grad for p in net.parameters()]
         assert y.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
     net = _conv_net()
-    with precision.autocast(_Accel("bf16")):
+    with precision.autocast(_Accel(), True):
         y = net(x)
     with torch.no_grad():
         net[0].weight.add_(1.0)
@@ -173,7 +169,7 @@ def test_recast_keeps_no_cast_copy_alive_after_forward():
     frozen = torch.randn(8, 8).to(torch.bfloat16)
     x = torch.randn(2, 8, dtype=torch.bfloat16, requires_grad=True)
     for recast, alive in ((True, False), (False, True)):
-        with precision.autocast(_Accel("bf16"), recast=recast):
+        with precision.autocast(_Accel(), recast):
             copy = w.to(torch.bfloat16)
             y = (x @ copy) @ frozen
         ref = weakref.ref(copy)
@@ -182,8 +178,36 @@ def test_recast_keeps_no_cast_copy_alive_after_forward():
         y.float().sum().backward()
         assert w.grad is not None
         w.grad = None
-    with precision.autocast(_Accel("no")):  # no mixed precision: nothing to recast, torch's autocast stays off
-        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_runs_accelerator_keeps_no_cast_copy_through_the_prepared_unets_forward(tiny_model, tmp_path, monkeypatch):
+    """accelerate wraps a prepared model's forward in an autocast of its own; unless the Accelerator is made
+    without the cast cache (run.make_accelerator, precision.autocast_kwargs), that cache would hold every cast copy
+    until forward ends. Here each copy the hooks replace is already gone when the UNet's forward returns."""
+    import weakref
+
+    from adapt.run import make_accelerator
+
+    copies = []
+    pack = precision._pack
+
+    def noting(t):
+        saved = pack(t)
+        if saved is not t:  # a note in place of a cast copy
+            copies.append(weakref.ref(t))
+        return saved
+    monkeypatch.setattr(precision, "_pack", noting)
+    for cfg, cached in ((TrainConfig(mixed_precision="bf16"), False), (TrainConfig(mixed_precision="bf16", recast_weights=False), True)):
+        acc = make_accelerator(cfg, tmp_path)
+        assert precision.recasts(cfg) is not cached
+        unet = acc.prepare(load_components(tiny_model).unet.requires_grad_(True))
+        copies.clear()
+        with precision.autocast(acc, True):
+            out = unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 77, 32)).sample
+            alive = sum(r() is not None for r in copies)
+        assert copies and (alive > 0) == cached, (cfg.recast_weights, alive, len(copies))
+        out.float().sum().backward()
+    assert not precision.recasts(TrainConfig(mixed_precision="no")) and not precision.recasts(TrainConfig(compile=True))
 
 
 def test_recast_weights_train_a_full_fine_tune_bit_identically(tiny_model, concept_dir, tmp_path):
