@@ -7,7 +7,8 @@ Runs are named on the command line:
 * ti:LR:INIT: textual inversion at lr LR from --init-token INIT;
 * piv:LR:FRACTION:INIT[:N]: pivotal tuning, LoRA at the model's lr, embedding at LR, stopped after
   FRACTION of the steps, from INIT, with N vectors (default 1; INIT "<sks>" with N 3 starts each
-  vector from one of the token's own pieces < sks >, where LoRA alone starts).
+  vector from one of the token's own pieces < sks >, where LoRA alone starts);
+* any of them +FIELD=VALUE...: TrainConfig fields set for that run, e.g. lora+lr=2e-3+caption_dropout=0.1.
 
     python benchmarks/pivotal_sweep.py --steps 150 lora ti:5e-3:cat piv:1e-4:1:cat piv:1e-3:0.5:sks piv:1e-4:1:<sks>:3
 """
@@ -47,8 +48,8 @@ def method(name: str, steps: int, lr: float):
     raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT[:N]")
 
 
-def distance(name: str, steps: int) -> float:
-    """Train run `name` for `steps` steps on examples/cat, render 16 seeds, return eval's distance to the cats
+def distance(name: str, steps: int, seed: int = 0) -> float:
+    """Train run `name` for `steps` steps (training --seed `seed`) on examples/cat, render 16 seeds, return eval's distance to the cats
     (adapt/metrics.py distance_to_set; lower = closer). tests/test_pivotal.py's quality tests call this too."""
     from adapt.config import TrainConfig
     from adapt.data import instance_examples
@@ -58,9 +59,11 @@ def distance(name: str, steps: int) -> float:
     from adapt.train import train
 
     cat, defaults = ROOT / "examples" / "cat", model_defaults(BUNDLED_MODEL)
+    name, *fields = name.split("+")
     m, rates, kind, file = method(name, steps, defaults["lora"]["lr"])
+    rates.update({k: float(v) for k, v in (f.split("=", 1) for f in fields)})
     with tempfile.TemporaryDirectory() as out:
-        train(load_components(None), m, instance_examples(cat, TOKEN, "x"), TrainConfig(steps=steps, **rates), Path(out),
+        train(load_components(None), m, instance_examples(cat, TOKEN, "x"), TrainConfig(steps=steps, seed=seed, **rates), Path(out),
               resolution=64, progress=False)
         pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(Path(out) / file), 1.0 if kind == "loras" else None)]})
         images = generate(pipe, [f"an emoji of {TOKEN} cat face"] * len(SEEDS), SEEDS, steps=25,
@@ -73,14 +76,18 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated: each run once per seed (paired: "
+                    "at one seed, pivotal's LoRA starts from LoRA alone's init, data order and noise)")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(a.threads)
-    for name in a.runs:
-        start = time.time()
-        d = distance(name, a.steps)
-        print(json.dumps({"run": name, "steps": a.steps, "distance": round(d, 3), "s": round(time.time() - start)}), flush=True)
+    for seed in map(int, a.seeds.split(",")):
+        for name in a.runs:
+            start = time.time()
+            d = distance(name, a.steps, seed)
+            print(json.dumps({"run": name, "steps": a.steps, "seed": seed, "distance": round(d, 3),
+                              "s": round(time.time() - start)}), flush=True)
 
 
 if __name__ == "__main__":

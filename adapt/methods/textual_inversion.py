@@ -99,7 +99,8 @@ class TextualInversionMethod(Method):
                 check_new_token(tok, t)
             tok.add_tokens(self.tokens)
             ids = tok.convert_tokens_to_ids(self.tokens)
-            te.resize_token_embeddings(len(tok))
+            with torch.random.fork_rng(devices=[]):  # its random new rows (overwritten below) leave the seeded draws
+                te.resize_token_embeddings(len(tok), mean_resizing=False)  # after it (a LoRA's init) as they were
             weight = te.get_input_embeddings().weight
             with torch.no_grad():
                 weight[ids] = weight[init_ids].clone()
