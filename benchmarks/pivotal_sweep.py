@@ -5,7 +5,8 @@ Runs are named on the command line:
 
 * lora: LoRA alone at the model's lr;
 * ti:LR:INIT: textual inversion at lr LR from --init-token INIT;
-* piv:LR:FRACTION:INIT[:N]: pivotal tuning, LoRA at the model's lr, embedding at LR, stopped after
+* piv:LR:FRACTION:INIT[:N]: pivotal tuning, LoRA at the model's lr, embedding at LR ("default": the
+  lr x methods/pivotal.py's EMBEDDING_LR_FRACTION that `adapt lora --pivotal` takes), stopped after
   FRACTION of the steps, from INIT, with N vectors (default 1; INIT "<sks>" with N 3 starts each
   vector from one of the token's own pieces < sks >, where LoRA alone starts);
 * any of them +FIELD=VALUE...: TrainConfig fields set for that run, e.g. lora+lr=2e-3+caption_dropout=0.1.
@@ -32,7 +33,7 @@ def method(name: str, steps: int, lr: float):
     """(method, its learning rates, how generate loads its file, the file) for a run's name."""
     from adapt.config import LoraConfig, TextualInversionConfig
     from adapt.methods.lora import LoraMethod
-    from adapt.methods.pivotal import PivotalMethod
+    from adapt.methods.pivotal import EMBEDDING_LR_FRACTION, PivotalMethod
     from adapt.methods.textual_inversion import TextualInversionMethod
 
     kind, *args = name.split(":")
@@ -44,7 +45,8 @@ def method(name: str, steps: int, lr: float):
     if kind == "piv":
         cfg = LoraConfig(pivotal=True, init_token=args[2], embedding_steps_fraction=float(args[1]),
                          num_vectors=int(args[3]) if len(args) > 3 else 1)
-        return PivotalMethod(cfg, TOKEN, steps), {"lr": lr, "embedding_lr": float(args[0])}, "loras", LORA
+        embedding_lr = lr * EMBEDDING_LR_FRACTION if args[0] == "default" else float(args[0])
+        return PivotalMethod(cfg, TOKEN, steps), {"lr": lr, "embedding_lr": embedding_lr}, "loras", LORA
     raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT[:N]")
 
 

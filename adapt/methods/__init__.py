@@ -107,7 +107,7 @@ _WITH_LORA = "{help} (with --lora)"
 _NO_EMBEDDING = ("train.embedding_lr", "lora.pivotal", "lora.init_token", "lora.num_vectors", "lora.embedding_steps_fraction")
 METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec(_LORA, _LORA_SECTIONS, variant=("lora", "pivotal", MethodSpec("adapt.methods.pivotal:PivotalMethod", _LORA_SECTIONS)),
-                       help={"train.embedding_lr": "{help} (with --pivotal)"}, description=DESCRIPTIONS["lora"]),
+                       help={"train.embedding_lr": "Learning rate of the new token's embedding vectors (with --pivotal). Default: --lr / 20."}, description=DESCRIPTIONS["lora"]),
     "dreambooth": MethodSpec(
         "adapt.methods.full:FullMethod", ("data", "dreambooth", "lora", "train"), {"lr": 5e-6},
         variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_defaults=False)),
