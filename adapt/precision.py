@@ -109,19 +109,10 @@ def recasts(cfg) -> bool:
     return cfg.recast_weights and not cfg.compile and cfg.mixed_precision != "no"
 
 
-def autocast_kwargs(cfg):
-    """The Accelerator's autocast settings: with recast, autocast's cast cache is off. It would keep every cast
-    copy until the outermost autocast block ends (the end of forward), and accelerate wraps the prepared
-    model's forward in an autocast of its own, which turns the cache back on unless told here."""
-    from accelerate.utils import AutocastKwargs
-
-    return AutocastKwargs(cache_enabled=False) if recasts(cfg) else AutocastKwargs()
-
-
 @contextmanager
 def autocast(accelerator, recast: bool):
-    """The accelerator's autocast; with `recast` (an accelerator made with `autocast_kwargs`), the cast copies of
-    trainable weights are not kept for backward (above)."""
+    """The accelerator's autocast; with `recast` (an accelerator made without autocast's cast cache, run.make_accelerator),
+    the cast copies of trainable weights are not kept for backward (above)."""
     if not recast:
         with accelerator.autocast():
             yield

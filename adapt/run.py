@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import AutocastKwargs, set_seed
 
 from .checkpoint import resume
 from .config import TrainConfig
@@ -23,7 +23,7 @@ from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
 from .masks import latent_masks
 from .optim import make_schedule, unwrapped
-from .precision import autocast_kwargs, choose_for
+from .precision import choose_for, recasts
 from .validation import HeldOut, fixed_set, restore
 
 log = logging.getLogger("adapt")
@@ -146,8 +146,15 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
         except ImportError:
             raise AdaptError("--log-with tensorboard needs the tensorboard package: pip install tensorboard") from None
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       kwargs_handlers=[autocast_kwargs(cfg)],  # precision.py: no autocast cast cache with recast
+                       kwargs_handlers=[autocast_kwargs(cfg)],
                        log_with=cfg.log_with, project_dir=str(Path(out_dir) / "logs") if cfg.log_with else None)
+
+
+def autocast_kwargs(cfg: TrainConfig) -> AutocastKwargs:
+    """With the weight recast (precision.py), autocast's cast cache is off: it would keep every cast copy until the
+    outermost autocast block ends (the end of forward), and accelerate wraps the prepared model's forward in an
+    autocast of its own, which turns the cache back on unless told here."""
+    return AutocastKwargs(cache_enabled=False) if recasts(cfg) else AutocastKwargs()
 
 
 def trainable_parameters(c, method, cfg: TrainConfig, device) -> list:

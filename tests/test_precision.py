@@ -123,7 +123,7 @@ def test_compile_compiles_the_unet_in_place(tiny_model):
     assert not any("_orig_mod" in n for n, _ in c.unet.named_parameters())
 
 
-class _Accel:  # what precision.autocast reads of an Accelerator made with precision.autocast_kwargs
+class _Accel:  # what precision.autocast reads of an Accelerator made by run.make_accelerator
     mixed_precision = "bf16"
 
     def autocast(self):
@@ -182,7 +182,7 @@ def test_recast_keeps_no_cast_copy_alive_after_forward():
 
 def test_the_runs_accelerator_keeps_no_cast_copy_through_the_prepared_unets_forward(tiny_model, tmp_path, monkeypatch):
     """accelerate wraps a prepared model's forward in an autocast of its own; unless the Accelerator is made
-    without the cast cache (run.make_accelerator, precision.autocast_kwargs), that cache would hold every cast copy
+    without the cast cache (run.make_accelerator, run.autocast_kwargs), that cache would hold every cast copy
     until forward ends. Here each copy the hooks replace is already gone when the UNet's forward returns."""
     import weakref
 
