@@ -10,7 +10,7 @@ spends more on casting than it gains (measured with benchmarks/compare.py; READM
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -113,9 +113,6 @@ def recasts(cfg) -> bool:
 def autocast(accelerator, recast: bool):
     """The accelerator's autocast; with `recast` (an accelerator made without autocast's cast cache, run.make_accelerator),
     the cast copies of trainable weights are not kept for backward (above)."""
-    if not recast:
-        with accelerator.autocast():
-            yield
-        return
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack), accelerator.autocast():
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack) if recast else nullcontext()
+    with hooks, accelerator.autocast():
         yield

@@ -124,8 +124,6 @@ def test_compile_compiles_the_unet_in_place(tiny_model):
 
 
 class _Accel:  # what precision.autocast reads of an Accelerator made by run.make_accelerator
-    mixed_precision = "bf16"
-
     def autocast(self):
         return torch.autocast("cpu", torch.bfloat16, cache_enabled=False)
 
@@ -162,7 +160,7 @@ def test_recast_weights_give_the_same_gradients_and_read_the_weight_in_backward(
 
 def test_recast_keeps_no_cast_copy_alive_after_forward():
     """The low-precision copy of a trainable weight dies with forward (only a note of it is saved);
-    without recast, or for a frozen weight, what autograd needs is kept as usual."""
+    without recast, autograd keeps it for backward as usual."""
     import weakref
 
     w = torch.randn(8, 8, requires_grad=True)
