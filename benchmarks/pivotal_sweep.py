@@ -63,7 +63,14 @@ def distance(name: str, steps: int, seed: int = 0) -> float:
     cat, defaults = ROOT / "examples" / "cat", model_defaults(BUNDLED_MODEL)
     name, *fields = name.split("+")
     m, rates, kind, file = method(name, steps, defaults["lora"]["lr"])
-    rates.update({k: float(v) for k, v in (f.split("=", 1) for f in fields)})
+    for f in fields:
+        k, eq, v = f.partition("=")
+        try:
+            if not eq or k not in TrainConfig.__dataclass_fields__:
+                raise ValueError
+            rates[k] = float(v)
+        except ValueError:
+            raise SystemExit(f"run {name!r}: +{f} is not +FIELD=NUMBER with a TrainConfig field (e.g. +caption_dropout=0.1)") from None
     with tempfile.TemporaryDirectory() as out:
         train(load_components(None), m, instance_examples(cat, TOKEN, "x"), TrainConfig(steps=steps, seed=seed, **rates), Path(out),
               resolution=64, progress=False)
