@@ -18,7 +18,8 @@ times `--steps` steps after `--warmup` steps and reports the median step and its
 peak memory during the timed steps (what training holds: the models as they train, optimizer state,
 activations), less the process's memory before the model was built (VmHWM, restarted after the
 warm-up; on a GPU max_memory_allocated). Configurations run interleaved, `--repeats` times, and the table gives
-the median over repeats. Run on an otherwise idle machine:
+the median over repeats; best/bare is adapt's fastest step over bare's fastest, the ratio that noise on a
+shared machine (which only ever adds time) moves least. Run on an otherwise idle machine:
 
     python benchmarks/compare.py                                   # LoRA 256+512, DreamBooth 256; fp32+bf16
     python benchmarks/compare.py --methods lora --resolutions 256 --precisions bf16 --repeats 1
@@ -226,9 +227,13 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def _best(rows: list[dict]) -> float:
+    return min(r["min_s"] for r in rows)
+
+
 def report(results: dict) -> None:
     print(f"\n{'method':<10} {'res':>4} {'prec':<5} {'mode':<22} {'s/step':>7} {'range':>13} {'warm-up s':>9} {'peak MB':>8} "
-          f"{'vs ref':>7} {'vs bare':>7} {'mem vs ref':>10}")
+          f"{'vs ref':>7} {'vs bare':>7} {'best/bare':>9} {'mem vs ref':>10}")
     for (method, res, prec), by_mode in results.items():
         ok = {m: rows for m, rows in by_mode.items() if rows and "error" not in rows[0]}
         ref, bare = ok.get("reference"), ok.get("bare")
@@ -240,10 +245,11 @@ def report(results: dict) -> None:
             spread = f"{min(r['min_s'] for r in rows):.2f}-{max(r['max_s'] for r in rows):.2f}"
             vs_ref = f"{s / _median(ref, 'median_s'):.2f}x" if ref else "-"
             vs_bare = f"{s / _median(bare, 'median_s'):.2f}x" if bare else "-"
+            best = f"{_best(rows) / _best(bare):.2f}x" if bare else "-"  # fastest step / bare's: what noise only adds to
             mem_ref = f"{mem / _median(ref, 'peak_mb'):.2f}x" if ref else "-"
             warm = _median(rows, "warmup_s")  # the --warmup steps together: compiling, first allocations
             print(f"{method:<10} {res:>4} {prec:<5} {mode:<22} {s:>7.2f} {spread:>13} {warm:>9.1f} {mem:>8.0f} {vs_ref:>7} "
-                  f"{vs_bare:>7} {mem_ref:>10}")
+                  f"{vs_bare:>7} {best:>9} {mem_ref:>10}")
 
 
 def headline(results: dict) -> None:
@@ -254,7 +260,7 @@ def headline(results: dict) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for (method, res, prec), by_mode in results.items():
-        if prec != "fp32" or "error" in by_mode["reference"][0]:
+        if prec != "fp32" or "reference" not in by_mode or "error" in by_mode["reference"][0]:
             continue
         params = by_mode["reference"][0]["unet_params"]
         picked = choose("auto", device, params)[0]
@@ -275,6 +281,7 @@ def main() -> None:
     p.add_argument("--resolutions", default="256,512", help="LoRA resolutions; DreamBooth runs at the first only "
                    "(a full fp32 UNet with AdamW state needs ~14 GB before activations)")
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--modes", default=",".join(MODES), help="which of " + ", ".join(MODES) + " to run (default: all)")
     p.add_argument("--variants", default="", help="also time adapt with each of: " + ", ".join(VARIANTS))
     p.add_argument("--model", default="sd15", help="sd15 (SD 1.5 architecture, random weights), bundled (the emoji base, "
                    "64 px) or tiny (to try the script quickly)")
@@ -297,11 +304,13 @@ def main() -> None:
             p.error(f"--from-log {a.from_log}: no result lines (JSON objects) in it")
         return summarise(rows)
     resolutions = [int(r) for r in a.resolutions.split(",")]
+    if bad := set(a.modes.split(",")) - set(MODES):
+        p.error(f"--modes: unknown {', '.join(sorted(bad))}; pick from {', '.join(MODES)}")
     specs = []
     for method in a.methods.split(","):
         for res in resolutions if method == "lora" else resolutions[:1]:
             for prec in a.precisions.split(","):
-                for mode in MODES:
+                for mode in a.modes.split(","):
                     specs.append({"method": method, "res": res, "precision": prec, "mode": mode, "label": mode})
                 for v in filter(None, a.variants.split(",")):
                     specs.append({"method": method, "res": res, "precision": prec, "mode": "adapt", "label": f"adapt +{v}",
