@@ -27,7 +27,8 @@ LOCK_FILE = ".adapt.lock"
 
 class FolderLock:
     """`with FolderLock(folder, "a training run"):` holds the folder; wait=False refuses at once
-    when another live process holds it, wait=True waits for it (saying for whom)."""
+    when another live process holds it, wait=True waits for it (saying for whom). A folder the lock
+    created is removed again on exit if nothing was written into it (a run that failed at set-up)."""
 
     def __init__(self, folder: str | os.PathLike, what: str, wait: bool = False):
         self.folder, self.what, self.wait = Path(folder), what, wait
@@ -35,9 +36,13 @@ class FolderLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "FolderLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]  # the folder first
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.folder.mkdir(parents=True, exist_ok=True)  # in the loop: a holder that created it removes it when empty
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -66,6 +71,11 @@ class FolderLock:
                 self.path.unlink(missing_ok=True)
             os.close(self.fd)  # releases the flock
             self.fd = None
+            for made in self.created:  # a run that failed before writing anything leaves no empty folder behind
+                try:
+                    made.rmdir()
+                except OSError:  # not empty (or already gone): kept, and so are the folders above it
+                    break
 
 
 def _me() -> dict:

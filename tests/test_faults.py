@@ -208,6 +208,28 @@ def test_a_live_run_holds_its_folder_and_a_killed_runs_lock_is_taken_over(tiny_m
           f"refused at once naming PID {holder.pid}; the stale lock taken over, run resumed and finished")
 
 
+def test_a_run_that_fails_at_set_up_leaves_no_empty_folder_and_keeps_a_users(tiny_model, concept_dir, tmp_path, fault):
+    from adapt.locks import FolderLock
+
+    new = tmp_path / "new" / "run"  # neither folder exists yet
+    result = CliRunner().invoke(app, lora_args(concept_dir, tiny_model, new, "--resume", "latest")[1:])
+    assert result.exit_code == 2 and "no checkpoint in" in result.output, result.output
+    assert not (tmp_path / "new").exists()  # the run made both folders and removed both
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    result = CliRunner().invoke(app, lora_args(concept_dir, tiny_model, mine, "--resume", "latest")[1:])
+    assert result.exit_code == 2 and mine.is_dir() and list(mine.iterdir()) == []  # the user's own folder stays
+
+    with pytest.raises(AdaptError):
+        with FolderLock(tmp_path / "a" / "b", "a training run"):
+            (tmp_path / "a" / "b" / "kept.txt").write_text("written before the failure")
+            raise AdaptError("set-up failed")
+    assert (tmp_path / "a" / "b" / "kept.txt").read_text() == "written before the failure"
+    fault("a run fails at set-up (--resume latest with no checkpoint) in a folder it created",
+          "exit 2 with the reason; the folders it created are gone, a folder the user made or one with a file in it stays")
+
+
 def test_two_dreambooth_runs_share_the_class_image_cache(tiny_model, tmp_path, fault):
     barrier, root = tmp_path / "barrier", tmp_path / "cache"
     barrier.mkdir()
@@ -285,7 +307,8 @@ BASE = dict(steps=8, lr=1e-2, checkpoint_every=2, keep_checkpoints=5)
 
 
 def train_run(model, concept_dir, out, **cfg):
-    from adapt.config import LoraConfig, TrainConfig
+    from adapt.config import LoraConfig
+    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.methods.lora import LoraMethod
     from adapt.models import load_components
