@@ -18,8 +18,7 @@ times `--steps` steps after `--warmup` steps and reports the median step and its
 peak memory during the timed steps (what training holds: the models as they train, optimizer state,
 activations), less the process's memory before the model was built (VmHWM, restarted after the
 warm-up; on a GPU max_memory_allocated). Configurations run interleaved, `--repeats` times, and the table gives
-the median over repeats; best/bare is adapt's fastest step over bare's fastest, the ratio that noise on a
-shared machine (which only ever adds time) moves least. Run on an otherwise idle machine:
+the median over repeats. Run on an otherwise idle machine:
 
     python benchmarks/compare.py                                   # LoRA 256+512, DreamBooth 256; fp32+bf16
     python benchmarks/compare.py --methods lora --resolutions 256 --precisions bf16 --repeats 1
@@ -157,7 +156,8 @@ def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: di
     restarts after `warmup` steps (a wrapper around train.record, which runs after every optimizer step)."""
     from sd_models import _images
 
-    from adapt.config import LoraConfig, TrainConfig
+    from adapt.config import LoraConfig
+    from adapt.train_config import TrainConfig
     from adapt.data import Example
     from adapt.methods.full import FullMethod
     from adapt.methods.lora import LoraMethod
@@ -227,13 +227,9 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def _best(rows: list[dict]) -> float:
-    return min(r["min_s"] for r in rows)
-
-
 def report(results: dict) -> None:
     print(f"\n{'method':<10} {'res':>4} {'prec':<5} {'mode':<22} {'s/step':>7} {'range':>13} {'warm-up s':>9} {'peak MB':>8} "
-          f"{'vs ref':>7} {'vs bare':>7} {'best/bare':>9} {'mem vs ref':>10}")
+          f"{'vs ref':>7} {'vs bare':>7} {'mem vs ref':>10}")
     for (method, res, prec), by_mode in results.items():
         ok = {m: rows for m, rows in by_mode.items() if rows and "error" not in rows[0]}
         ref, bare = ok.get("reference"), ok.get("bare")
@@ -245,11 +241,10 @@ def report(results: dict) -> None:
             spread = f"{min(r['min_s'] for r in rows):.2f}-{max(r['max_s'] for r in rows):.2f}"
             vs_ref = f"{s / _median(ref, 'median_s'):.2f}x" if ref else "-"
             vs_bare = f"{s / _median(bare, 'median_s'):.2f}x" if bare else "-"
-            best = f"{_best(rows) / _best(bare):.2f}x" if bare else "-"  # fastest step / bare's: what noise only adds to
             mem_ref = f"{mem / _median(ref, 'peak_mb'):.2f}x" if ref else "-"
             warm = _median(rows, "warmup_s")  # the --warmup steps together: compiling, first allocations
             print(f"{method:<10} {res:>4} {prec:<5} {mode:<22} {s:>7.2f} {spread:>13} {warm:>9.1f} {mem:>8.0f} {vs_ref:>7} "
-                  f"{vs_bare:>7} {best:>9} {mem_ref:>10}")
+                  f"{vs_bare:>7} {mem_ref:>10}")
 
 
 def headline(results: dict) -> None:
