@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.embeddings import read_embedding
 from adapt.errors import AdaptError
@@ -264,7 +265,8 @@ def test_pivotal_tuning_beats_textual_inversion_alone_at_the_same_steps(distance
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 17's target, not met on the bundled base: LoRA alone is closer to the "
                                        "cats at each training seed 0-3 (paired: the same LoRA init, data order and noise; "
-                                       "mean 6.25 vs pivotal 6.68; seed 0: 5.923 vs 6.801)")
+                                       "mean 6.25 vs pivotal 6.68; seed 0: 5.923 vs 6.801; at 500 steps "
+                                       "6.09 vs 6.53, pivotal closer at one seed of four)")
 def test_pivotal_tuning_beats_lora_alone_at_the_same_steps(distances):
     assert distances["pivotal"] < distances["lora"], distances
 
