@@ -1,5 +1,5 @@
 """The `adapt` command line: typer only. The training commands' options are generated from the
-config fields of the sections their method reads (adapt.config, adapt.methods.METHODS); the LoRA
+config fields of the sections their method reads (adapt.config, adapt.train_config, adapt.methods.METHODS); the LoRA
 tools' commands are declared in adapt.lora_commands; the commands' bodies live in adapt.plan,
 infer, evaluate, lora_tools and extract.
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from diffusers.optimization import get_scheduler
 
-from .config import OPTIMIZER_PACKAGES, TrainConfig
+from .train_config import OPTIMIZER_PACKAGES, TrainConfig
 from .errors import AdaptError
 from .estimate import choose_fused_backward
 from .logs import check_installed, optional_import

@@ -1,5 +1,5 @@
 """The commands' options: those of the training commands generated from the config fields of the
-sections their method reads (adapt.config via adapt.recipe.SECTIONS, adapt.methods.METHODS), so
+sections their method reads (adapt.config and adapt.train_config via adapt.recipe.SECTIONS, adapt.methods.METHODS), so
 each option is declared once, and the options several commands share. cli.py gives them to typer.
 Light: nothing heavy is imported.
 """

@@ -13,7 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, DreamBoothConfig, LoraConfig, TextualInversionConfig, TrainConfig
+from .config import DataConfig, DreamBoothConfig, LoraConfig, TextualInversionConfig
+from .train_config import TrainConfig
 from .errors import AdaptError
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "dreambooth": DreamBoothConfig,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import infer
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .errors import AdaptError
 from .fileio import atomic_path
 from .images import make_grid, save_image

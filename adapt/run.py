@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import AutocastKwargs, set_seed
 
 from .checkpoint import resume
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .data import BatchOrder, Example, target_size
 from .diskcache import DiskCache, cache_root
 from .ema import make_ema

@@ -30,7 +30,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, save_checkpoint
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .data import Example, loss_weights, vary_tags
 from .ema import save_artifact, swapped
 from .errors import AdaptError

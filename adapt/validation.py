@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import checkpoint_name
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .data import Example, check_images, instance_examples
 from .errors import AdaptError
 from .fileio import write_json

@@ -52,7 +52,8 @@ def measure(model: Path, kind: str, resolution: int, checkpointing: bool, steps:
     import torch
     from PIL import Image
 
-    from adapt.config import LoraConfig, TextualInversionConfig, TrainConfig
+    from adapt.config import LoraConfig, TextualInversionConfig
+    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.methods.full import FullMethod
     from adapt.methods.lora import LoraMethod

@@ -44,7 +44,8 @@ def main() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from adapt import models as M
-    from adapt.config import LoraConfig, TrainConfig
+    from adapt.config import LoraConfig
+    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.methods.lora import LoraMethod
     from adapt.train import train

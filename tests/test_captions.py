@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import adapt.encode
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples, vary_tags
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod

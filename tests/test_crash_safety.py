@@ -18,7 +18,8 @@ import torch
 
 import adapt.train
 from adapt.checkpoint import list_checkpoints
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod

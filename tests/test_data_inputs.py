@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import BatchOrder, Example, bucket_size, dataset_examples, load_pixels
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.diskcache import DiskCache, cache_root
 from adapt.encode import LatentCache, TextCache

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapt.config import LoraConfig, TextualInversionConfig, TrainConfig
+from adapt.config import LoraConfig, TextualInversionConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.ema import EMA, swapped
 from adapt.errors import AdaptError

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from adapt.config import TrainConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.estimate import FUSED_BACKWARD_MIN_PARAMS, choose_fused_backward, estimate

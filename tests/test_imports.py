@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adapt"
 LAYERS = [
     ["__init__", "errors"],
     ["fileio", "schedulers", "images", "lora_names", "logs", "signals", "locks", "untrusted", "estimate", "precision"],
-    ["config", "checks", "recipe"],
+    ["config", "train_config", "checks", "recipe"],
     ["data", "masks", "models", "loras", "lycoris", "lowrank", "embeddings", "formats", "diskcache"],
     ["encode", "losses", "methods", "methods.full", "methods.lora", "methods.textual_inversion", "methods.pivotal"],
     ["infer", "checkpoint", "ema", "metrics", "optim"],
@@ -135,7 +135,7 @@ def test_help_does_not_import_torch(command):
 # other module imports what it uses at the top.
 LIGHT = {
     "__init__", "errors", "logs", "signals", "schedulers",  # the CLI's own imports and its callback
-    "cli", "__main__", "options", "checks", "config", "recipe",  # options, --help, argument checks
+    "cli", "__main__", "options", "checks", "config", "train_config", "recipe",  # options, --help, arg checks
     "lora_commands",                                         # merge, convert, extract, resize
     "methods",                                               # the METHODS table the options come from
     "plan",                                                  # make_plan: every run argument error
@@ -145,7 +145,7 @@ LIGHT = {
     "models",                                                # plan resolves --model (its adapt.json)
     "fileio", "untrusted",                                   # plan (RECIPE_FILE), models (folder checks)
     "locks",                                                 # run_plan refuses a held run folder first
-    "estimate",                                              # config: --fused-backward on's conflicts
+    "estimate",                                              # train_config: --fused-backward on's conflicts
 }
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "PIL")
 # In-function imports a non-LIGHT module may keep: optional, slow, and needed for one option only.

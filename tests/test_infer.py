@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from adapt.checks import parse_weighted
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline

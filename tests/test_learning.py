@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapt.config import LoraConfig, TextualInversionConfig, TrainConfig
+from adapt.config import LoraConfig, TextualInversionConfig
+from adapt.train_config import TrainConfig
 from adapt.data import Example, instance_examples
 from adapt.infer import generate, load_pipeline
 from adapt.methods.full import FullMethod

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.infer import generate, load_pipeline
 from adapt.lora_names import from_kohya_name, module_key

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod

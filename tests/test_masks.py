@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples, list_images
 from adapt.errors import AdaptError
 from adapt.masks import batch_mask, latent_masks, mask_file

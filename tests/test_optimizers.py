@@ -16,7 +16,8 @@ import shutil
 import pytest
 import torch
 
-from adapt.config import LoraConfig, TextualInversionConfig, TrainConfig
+from adapt.config import LoraConfig, TextualInversionConfig
+from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.full import FullMethod

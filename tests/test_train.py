@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import Example, instance_examples, loss_weights
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import diffusion_loss, train

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 import adapt.launch
 import adapt.train
 import adapt.validation
-from adapt.config import LoraConfig, TrainConfig
+from adapt.config import LoraConfig
+from adapt.train_config import TrainConfig
 from adapt.data import Example, instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from adapt.config import TrainConfig
+    from adapt.train_config import TrainConfig
     from adapt.data import Example
     from adapt.methods.full import FullMethod
     from adapt.models import load_components
