@@ -33,14 +33,15 @@ def one(preset: str, resolution: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from sd_models import _components, _images
 
-    from adapt.cli import _make_method
+    from adapt.methods import METHODS
     from adapt.recipe import build, read_recipe
     from adapt.data import Example
     from adapt.train import train
 
     recipe = read_recipe(ROOT / "recipes" / f"dreambooth-{preset}gb.toml")
-    cfgs = {s: build(s, recipe, {}) for s in ("data", "dreambooth", "lora")}
-    train_cfg = build("train", recipe, {"steps": 1, "checkpoint_every": 0})
+    spec = METHODS["dreambooth"]
+    cfgs = {s: build(s, recipe, {}) for s in spec.sections if s != "train"}
+    train_cfg = cfgs["train"] = build("train", recipe, {"steps": 1, "checkpoint_every": 0})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and train_cfg.mixed_precision == "fp16":
         train_cfg.mixed_precision = "bf16"
@@ -49,7 +50,7 @@ def one(preset: str, resolution: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         img = _images(Path(tmp) / "img", resolution, n=2)
         examples = [Example(img / "0.png", "a photo of sks dog"), Example(img / "1.png", "a photo of dog", 1.0, 1)]
-        method = _make_method("dreambooth", cfgs)
+        method = spec.resolve(cfgs).load().from_configs(cfgs)  # with `lora = true`, the LoRA method, as `adapt dreambooth` runs it
         method.save = lambda *args, **kw: None  # measure the step, not writing 4 GB of random weights
         start = time.perf_counter()
         train(c, method, examples, train_cfg, Path(tmp) / "out", resolution=resolution,
