@@ -13,10 +13,10 @@ from collections.abc import Callable
 import torch
 from diffusers.optimization import get_scheduler
 
-from .train_config import OPTIMIZER_PACKAGES, TrainConfig
 from .errors import AdaptError
 from .estimate import choose_fused_backward
 from .logs import check_installed, optional_import
+from .train_config import OPTIMIZER_PACKAGES, TrainConfig
 
 log = logging.getLogger("adapt")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, DreamBoothConfig, LoraConfig, TextualInversionConfig
-from .train_config import TrainConfig
 from .errors import AdaptError
+from .train_config import TrainConfig
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "dreambooth": DreamBoothConfig,
                              "textual_inversion": TextualInversionConfig, "train": TrainConfig}

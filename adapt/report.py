@@ -11,12 +11,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import infer
-from .train_config import TrainConfig
 from .errors import AdaptError
 from .fileio import atomic_path
 from .images import make_grid, save_image
 from .models import assemble_pipeline
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
+from .train_config import TrainConfig
 
 
 def metric_rows(path: Path, upto: int) -> list[dict]:

@@ -15,7 +15,6 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import AutocastKwargs, set_seed
 
 from .checkpoint import resume
-from .train_config import TrainConfig
 from .data import BatchOrder, Example, target_size
 from .diskcache import DiskCache, cache_root
 from .ema import make_ema
@@ -24,6 +23,7 @@ from .errors import AdaptError
 from .masks import latent_masks
 from .optim import make_schedule, unwrapped
 from .precision import choose_for, recasts
+from .train_config import TrainConfig
 from .validation import HeldOut, fixed_set, restore
 
 log = logging.getLogger("adapt")

@@ -30,7 +30,6 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, save_checkpoint
-from .train_config import TrainConfig
 from .data import Example, loss_weights, vary_tags
 from .ema import save_artifact, swapped
 from .errors import AdaptError
@@ -41,6 +40,7 @@ from .precision import autocast, recasts
 from .report import append_metrics, plot_losses, render_validation, start_metrics, tracker_scalars, write_report
 from .run import Run, eval_weights, setup, train_weights
 from .signals import graceful_stop
+from .train_config import TrainConfig
 from .validation import loop_state, measure, protected, summarize
 
 

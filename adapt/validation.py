@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import checkpoint_name
-from .train_config import TrainConfig
 from .data import Example, check_images, instance_examples
 from .errors import AdaptError
 from .fileio import write_json
+from .train_config import TrainConfig
 
 log = logging.getLogger("adapt")
 MIN_SAMPLES = 16  # (example, timestep) entries in the fixed set, at least: one image still sees the whole schedule

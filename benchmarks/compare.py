@@ -157,12 +157,12 @@ def adapt_loop(c, method: str, res: int, precision: str, steps: int, options: di
     from sd_models import _images
 
     from adapt.config import LoraConfig
-    from adapt.train_config import TrainConfig
     from adapt.data import Example
     from adapt.methods.full import FullMethod
     from adapt.methods.lora import LoraMethod
     from adapt import train as loop
     from adapt.train import train
+    from adapt.train_config import TrainConfig
 
     record = loop.record
 

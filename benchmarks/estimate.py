@@ -53,13 +53,13 @@ def measure(model: Path, kind: str, resolution: int, checkpointing: bool, steps:
     from PIL import Image
 
     from adapt.config import LoraConfig, TextualInversionConfig
-    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.methods.full import FullMethod
     from adapt.methods.lora import LoraMethod
     from adapt.methods.textual_inversion import TextualInversionMethod
     from adapt.models import load_components
     from adapt.train import train
+    from adapt.train_config import TrainConfig
 
     cuda = torch.cuda.is_available()
     before = _kb("VmRSS")

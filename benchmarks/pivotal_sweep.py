@@ -53,12 +53,12 @@ def method(name: str, steps: int, lr: float):
 def distance(name: str, steps: int, seed: int = 0) -> float:
     """Train run `name` for `steps` steps (training --seed `seed`) on examples/cat, render 16 seeds, return eval's distance to the cats
     (adapt/metrics.py distance_to_set; lower = closer). tests/test_pivotal.py's quality tests call this too."""
-    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.infer import generate, load_pipeline
     from adapt.metrics import distance_to_set, features
     from adapt.models import BUNDLED_MODEL, load_components, model_defaults
     from adapt.train import train
+    from adapt.train_config import TrainConfig
 
     cat, defaults = ROOT / "examples" / "cat", model_defaults(BUNDLED_MODEL)
     name, *fields = name.split("+")

@@ -45,10 +45,10 @@ def main() -> None:
 
     from adapt import models as M
     from adapt.config import LoraConfig
-    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.methods.lora import LoraMethod
     from adapt.train import train
+    from adapt.train_config import TrainConfig
     from sd_models import _images
 
     torch.set_num_threads(a.threads)

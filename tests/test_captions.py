@@ -11,12 +11,12 @@ import torch
 
 import adapt.encode
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples, vary_tags
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
+from adapt.train_config import TrainConfig
 
 CAPTION = "<sks>, a cat, red, sitting, grass, sunny, photo, outdoors"
 TAGS = [t.strip() for t in CAPTION.split(",")]

@@ -19,12 +19,12 @@ import torch
 import adapt.train
 from adapt.checkpoint import list_checkpoints
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import BatchOrder, Example, bucket_size, dataset_examples, load_pixels
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 LORA = "pytorch_lora_weights.safetensors"

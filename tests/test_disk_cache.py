@@ -15,7 +15,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.diskcache import DiskCache, cache_root
 from adapt.encode import LatentCache, TextCache
@@ -23,6 +22,7 @@ from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.run import make_accelerator
 from adapt.train import train
+from adapt.train_config import TrainConfig
 
 LORA = "pytorch_lora_weights.safetensors"
 

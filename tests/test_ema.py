@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from adapt.config import LoraConfig, TextualInversionConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.ema import EMA, swapped
 from adapt.errors import AdaptError
@@ -20,6 +19,7 @@ from adapt.methods.lora import LoraMethod
 from adapt.methods.textual_inversion import TextualInversionMethod
 from adapt.models import load_components
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 LORA = "pytorch_lora_weights.safetensors"

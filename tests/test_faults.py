@@ -308,11 +308,11 @@ BASE = dict(steps=8, lr=1e-2, checkpoint_every=2, keep_checkpoints=5)
 
 def train_run(model, concept_dir, out, **cfg):
     from adapt.config import LoraConfig
-    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.methods.lora import LoraMethod
     from adapt.models import load_components
     from adapt.train import train
+    from adapt.train_config import TrainConfig
 
     examples = instance_examples(concept_dir, "<sks>", "a photo of {token}")
     return train(load_components(model), LoraMethod(LoraConfig()), examples, TrainConfig(**{**BASE, **cfg}), out,

@@ -11,7 +11,6 @@ import shutil
 import pytest
 import torch
 
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.estimate import FUSED_BACKWARD_MIN_PARAMS, choose_fused_backward, estimate
@@ -19,6 +18,7 @@ from adapt.methods.full import FullMethod
 from adapt.models import load_components
 from adapt.optim import StepInBackward
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 BIG = FUSED_BACKWARD_MIN_PARAMS

@@ -8,13 +8,13 @@ import torch
 
 from adapt.checks import parse_weighted
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
+from adapt.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")

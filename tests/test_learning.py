@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from adapt.config import LoraConfig, TextualInversionConfig
-from adapt.train_config import TrainConfig
 from adapt.data import Example, instance_examples
 from adapt.infer import generate, load_pipeline
 from adapt.methods.full import FullMethod
@@ -23,6 +22,7 @@ from adapt.methods.textual_inversion import TextualInversionMethod
 from adapt.metrics import diversity, features, nearest_style, pairwise_distances
 from adapt.models import BUNDLED_MODEL, load_components, model_defaults
 from adapt.train import train
+from adapt.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = ROOT / "examples" / "cat"

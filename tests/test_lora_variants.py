@@ -12,7 +12,6 @@ import torch
 from safetensors import safe_open
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.infer import generate, load_pipeline
 from adapt.lora_names import from_kohya_name, module_key
@@ -21,6 +20,7 @@ from adapt.methods.lora import LoraMethod
 from adapt.models import assemble_pipeline, load_components
 from adapt.schedulers import make_scheduler
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 PROMPT = "a photo of <sks>"

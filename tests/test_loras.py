@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.infer import generate, load_pipeline
@@ -18,6 +17,7 @@ from adapt.lowrank import reduce_rank
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 PROMPT = "a photo of <sks>"

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.losses import diffusion_loss, elementwise_loss, huber_deltas
 from adapt.train import train
+from adapt.train_config import TrainConfig
 
 
 def _inputs():

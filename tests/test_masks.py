@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples, list_images
 from adapt.errors import AdaptError
 from adapt.masks import batch_mask, latent_masks, mask_file
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import diffusion_loss, train
+from adapt.train_config import TrainConfig
 
 
 class PixelUnet(torch.nn.Module):

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from adapt.config import LoraConfig, TextualInversionConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.full import FullMethod
@@ -27,6 +26,7 @@ from adapt.models import load_components
 from adapt.plan import make_plan
 from adapt.optim import param_groups
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 LORA = "pytorch_lora_weights.safetensors"

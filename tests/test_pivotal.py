@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.embeddings import read_embedding
 from adapt.errors import AdaptError
@@ -27,6 +26,7 @@ from adapt.methods.pivotal import PivotalMethod
 from adapt.models import assemble_pipeline, load_components
 from adapt.schedulers import make_scheduler
 from adapt.train import train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 TOKEN = "<disc>"

@@ -11,13 +11,13 @@ import torch
 
 from adapt import precision
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.optim import adamw_kernel, make_optimizer
 from adapt.train import train
+from adapt.train_config import TrainConfig
 
 SD15_PARAMS = 859_520_964
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"

@@ -164,10 +164,10 @@ def test_embedding_for_the_wrong_architecture_is_a_clear_error(sdxl, tmp_path):
 
 def test_sdxl_caches_train_like_no_cache_and_leave_the_base_bit_identical(sdxl, concept_dir, tmp_path):
     from adapt.config import LoraConfig
-    from adapt.train_config import TrainConfig
     from adapt.data import instance_examples
     from adapt.methods.lora import LoraMethod
     from adapt.train import train
+    from adapt.train_config import TrainConfig
 
     ex = instance_examples(concept_dir, "<sks>", "a photo of {token}")
     runs = {}

@@ -35,9 +35,9 @@ def ti_run(tiny_model, concept_dir, tmp_path_factory):
 def test_only_the_new_rows_train(tiny_model, ti_run):
     from safetensors.torch import load_file
 
-    from adapt.train_config import TrainConfig
     from adapt.data import Example
     from adapt.train import train
+    from adapt.train_config import TrainConfig
 
     base = load_components(tiny_model)
     learned = load_file(str(ti_run / "learned_embeds.safetensors"))

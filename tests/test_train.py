@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import Example, instance_examples, loss_weights
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.run import place_for_training
 from adapt.train import diffusion_loss, train
+from adapt.train_config import TrainConfig
 
 
 @pytest.mark.parametrize("model", ["tiny_model", "tiny_v_model"])

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.train import diffusion_loss, train
+from adapt.train_config import TrainConfig
 from conftest import run
 
 LORA = "pytorch_lora_weights.safetensors"

@@ -16,13 +16,13 @@ import adapt.launch
 import adapt.train
 import adapt.validation
 from adapt.config import LoraConfig
-from adapt.train_config import TrainConfig
 from adapt.data import Example, instance_examples
 from adapt.errors import AdaptError
 from adapt.methods.lora import LoraMethod
 from adapt.models import load_components
 from adapt.run import setup
 from adapt.train import chunk_loss, train
+from adapt.train_config import TrainConfig
 from adapt.validation import MIN_SAMPLES, measure, split
 from conftest import make_concept_images, run
 

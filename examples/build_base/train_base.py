@@ -52,11 +52,11 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from adapt.train_config import TrainConfig
     from adapt.data import Example
     from adapt.methods.full import FullMethod
     from adapt.models import load_components
     from adapt.train import train
+    from adapt.train_config import TrainConfig
 
     from transformers import CLIPTokenizer
 
