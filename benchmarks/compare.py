@@ -88,8 +88,9 @@ def reset_peak() -> None:
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+        torch.cuda.reset_peak_memory_stats()  # the peak is max_memory_allocated there
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
 
 
 def hand_loop(c, method: str, mode: str, res: int, precision: str, steps: int, device, warmup: int) -> list[float]:

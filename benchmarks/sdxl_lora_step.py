@@ -71,6 +71,9 @@ def main() -> None:
     print(f"SDXL UNet {n_unet / 1e9:.2f}B params, {a.resolution} px, batch 1, LoRA q,k r4, bf16, cached latents+text")
     print(f"build {build:.0f} s; first step {times[0]:.1f} s; then {per_step:.1f} s/step over {a.steps} steps")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GB")
+    if torch.cuda.is_available():
+        print(f"GPU {torch.cuda.get_device_name()}: peak allocated {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB, "
+              f"{1 / per_step:.2f} it/s")
 
 
 if __name__ == "__main__":
