@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ASIDE=/tmp/adapt-base-weights
-WEIGHTS="adapt/base/unet/diffusion_pytorch_model.safetensors adapt/base/vae/diffusion_pytorch_model.safetensors adapt/base/text_encoder/model.safetensors"
+WEIGHTS=$(git ls-files "adapt/base/*.safetensors")  # tracked, so listed while moved aside too
 
 if [ "${1:-}" = "--prepare" ]; then
     grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
