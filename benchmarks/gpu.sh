@@ -30,6 +30,10 @@ if [ "${1:-}" = "--restore" ]; then
     git status --short adapt/base
     exit 0
 fi
+if [ -n "${1:-}" ]; then
+    echo "gpu.sh: unknown argument '$1'; use --prepare or --restore here, no argument on the GPU machine" >&2
+    exit 2
+fi
 
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
