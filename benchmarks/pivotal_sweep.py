@@ -50,10 +50,12 @@ def method(name: str, steps: int, lr: float):
     raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT[:N]")
 
 
-def distance(name: str, steps: int, seed: int = 0) -> float:
+def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None) -> float:
     """Train run `name` for `steps` steps (training --seed `seed`) on examples/cat, render 16 seeds, return eval's distance to the cats
-    (adapt/metrics.py distance_to_set; lower = closer). tests/test_pivotal.py's quality tests call this too."""
+    (adapt/metrics.py distance_to_set; lower = closer); `grid`: also save the 16 images there, side by side, to look at.
+    tests/test_pivotal.py's quality tests call this too."""
     from adapt.data import instance_examples
+    from adapt.images import make_grid
     from adapt.infer import generate, load_pipeline
     from adapt.metrics import distance_to_set, features
     from adapt.models import BUNDLED_MODEL, load_components, model_defaults
@@ -77,6 +79,9 @@ def distance(name: str, steps: int, seed: int = 0) -> float:
         pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(Path(out) / file), 1.0 if kind == "loras" else None)]})
         images = generate(pipe, [f"an emoji of {TOKEN} cat face"] * len(SEEDS), SEEDS, steps=25,
                           guidance=defaults["guidance"], batch_size=16)
+    if grid is not None:
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, cols=len(images)).save(grid)
     return distance_to_set(features(images), features(sorted(cat.glob("*.png"))))
 
 
@@ -87,6 +92,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated: each run once per seed (paired: "
                     "at one seed, pivotal's LoRA starts from LoRA alone's init, data order and noise)")
+    ap.add_argument("--images", type=Path, help="save each run's 16 images as one PNG strip (a row) in this folder")
     a = ap.parse_args()
     import torch
 
@@ -94,7 +100,8 @@ def main() -> None:
     for seed in map(int, a.seeds.split(",")):
         for name in a.runs:
             start = time.time()
-            d = distance(name, a.steps, seed)
+            grid = a.images / f"{name.replace(':', '_').replace('<', '').replace('>', '')}-seed{seed}.png" if a.images else None
+            d = distance(name, a.steps, seed, grid)
             print(json.dumps({"run": name, "steps": a.steps, "seed": seed, "distance": round(d, 3),
                               "s": round(time.time() - start)}), flush=True)
 
