@@ -14,6 +14,10 @@ Stages (each skipped when its output exists, so a killed build continues where i
                           at every level, SD 1.5's noise schedule
   4. train_base.py     -> base/: UNet + text encoder trained together on adapt's one training loop
                           (FullMethod(train_text_encoder=True)), captions from captions.py
+  4b. train_base.py    -> refined/, only with --refine-steps N: stage 4 again for N steps from base/'s
+                          model, with a cosine schedule of its own from --refine-lr (5e-4) and seed 1
+                          (other captions, order and noise); packaged instead of base/. The shipped base
+                          has none; README "The bundled base model" has what 4,000 such steps measured
   5. package           -> adapt/base/: the pipeline folder + training_set.jsonl + heldout.jsonl +
                           adapt.json + README (licences); no build-machine paths in the configs
 
@@ -108,12 +112,12 @@ def strip_build_paths(folder: Path) -> None:
             f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def package(out: Path, dest: Path) -> None:
+def package(out: Path, dest: Path, trained: str = "base") -> None:
     import math
 
     from safetensors import safe_open
 
-    base = out / "base"
+    base = out / trained
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "loss.png", "report.md", "logs"))
@@ -121,6 +125,9 @@ def package(out: Path, dest: Path) -> None:
         cells = [json.loads(line) for line in (out / name).read_text().splitlines() if line.strip()]
         (dest / name).write_text("".join(json.dumps({**c, "caption": f"{TEMPLATE.format(c['name'])}, {STYLE_PHRASES[c['style']]}"},
                                                     ensure_ascii=False) + "\n" for c in cells))
+    if trained != "base":  # the shipped recipe.json: both runs' settings, stage 4's and then 4b's
+        (dest / "recipe.json").write_text(json.dumps({name: json.loads((out / name / "recipe.json").read_text())
+                                                      for name in ("base", trained)}, indent=2) + "\n")
     strip_build_paths(dest)
     sys.path.insert(0, str(REPO))
     from adapt.formats import standard_clip_keys
@@ -150,6 +157,9 @@ def main() -> None:
     p.add_argument("--threads", default="2")
     p.add_argument("--vae-seconds", default="1800", help="wall-clock cap of the VAE's training loop")
     p.add_argument("--unet-steps", default="4800")
+    p.add_argument("--refine-steps", default="0", help="stage 4b: train on from stage 4's model for this many steps "
+                   "(0: ship stage 4's model)")
+    p.add_argument("--refine-lr", default="5e-4", help="stage 4b's peak learning rate (cosine to 0, 50 warm-up steps)")
     p.add_argument("--vae", default=None, help="reuse this trained VAE folder (re-measured) instead of training one "
                    "(e.g. adapt/base/vae: its held-out cells contain this build's)")
     a = p.parse_args()
@@ -167,7 +177,13 @@ def main() -> None:
     stage("4 unet + text encoder", (out / "base" / "recipe.json").is_file(),
           [str(HERE / "train_base.py"), "--data", str(data), "--training-set", str(out / "training_set.jsonl"),
            "--init", str(out / "init"), "--out", str(out / "base"), "--threads", a.threads, "--steps", a.unet_steps])
-    package(out, Path(a.dest))
+    refine = int(a.refine_steps) > 0
+    if refine:
+        stage("4b refine", (out / "refined" / "recipe.json").is_file(),
+              [str(HERE / "train_base.py"), "--data", str(data), "--training-set", str(out / "training_set.jsonl"),
+               "--init", str(out / "base"), "--out", str(out / "refined"), "--threads", a.threads, "--steps", a.refine_steps,
+               "--lr", a.refine_lr, "--warmup", "50", "--seed", "1"])
+    package(out, Path(a.dest), "refined" if refine else "base")
 
 
 if __name__ == "__main__":

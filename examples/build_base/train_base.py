@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     cfg = TrainConfig(
         steps=a.measure or a.steps, batch_size=a.batch_size, lr=a.lr, lr_scheduler="cosine",
         warmup_steps=a.warmup, weight_decay=1e-2, max_grad_norm=1.0, caption_dropout=a.caption_dropout, snr_gamma=a.snr_gamma,
-        cache_latents=True, cache_text=False, seed=a.seed, checkpoint_every=0 if a.measure else a.checkpoint_every,
+        cache_latents=True, cache_text=False, mixed_precision="no", seed=a.seed,
+        checkpoint_every=0 if a.measure else a.checkpoint_every,
         keep_checkpoints=1, resume=resume,
     )
     components = load_components(a.init)
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
              "loss_mean_last_50": round(sum(last) / max(1, len(last)), 5)}
     print(json.dumps(stats, indent=1))
     if not a.measure:
-        (out.parent / "base_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        (out.parent / f"{out.name}_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
 
 
 if __name__ == "__main__":
