@@ -80,7 +80,6 @@ def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None) -> 
         images = generate(pipe, [f"an emoji of {TOKEN} cat face"] * len(SEEDS), SEEDS, steps=25,
                           guidance=defaults["guidance"], batch_size=16)
     if grid is not None:
-        grid.parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, cols=len(images)).save(grid)
     return distance_to_set(features(images), features(sorted(cat.glob("*.png"))))
 
@@ -94,6 +93,8 @@ def main() -> None:
                     "at one seed, pivotal's LoRA starts from LoRA alone's init, data order and noise)")
     ap.add_argument("--images", type=Path, help="save each run's 16 images as one PNG strip (a row) in this folder")
     a = ap.parse_args()
+    if a.images:
+        a.images.mkdir(parents=True, exist_ok=True)
     import torch
 
     torch.set_num_threads(a.threads)

@@ -117,10 +117,9 @@ def package(out: Path, dest: Path, trained: str = "base") -> None:
 
     from safetensors import safe_open
 
-    base = out / trained
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(base, dest, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "loss.png", "report.md", "logs"))
+    shutil.copytree(out / trained, dest, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "loss.png", "report.md", "logs"))
     for name in ("training_set.jsonl", "heldout.jsonl"):  # with each cell's canonical prompt, for `adapt eval --prompts`
         cells = [json.loads(line) for line in (out / name).read_text().splitlines() if line.strip()]
         (dest / name).write_text("".join(json.dumps({**c, "caption": f"{TEMPLATE.format(c['name'])}, {STYLE_PHRASES[c['style']]}"},
@@ -157,7 +156,7 @@ def main() -> None:
     p.add_argument("--threads", default="2")
     p.add_argument("--vae-seconds", default="1800", help="wall-clock cap of the VAE's training loop")
     p.add_argument("--unet-steps", default="4800")
-    p.add_argument("--refine-steps", default="0", help="stage 4b: train on from stage 4's model for this many steps "
+    p.add_argument("--refine-steps", type=int, default=0, help="stage 4b: train on from stage 4's model for this many steps "
                    "(0: ship stage 4's model)")
     p.add_argument("--refine-lr", default="5e-4", help="stage 4b's peak learning rate (cosine to 0, 50 warm-up steps)")
     p.add_argument("--vae", default=None, help="reuse this trained VAE folder (re-measured) instead of training one "
@@ -174,15 +173,15 @@ def main() -> None:
            *(["--reuse", str(Path(a.vae).resolve())] if a.vae else [])])
     stage("3 init", (out / "init" / "model_index.json").is_file(),
           [str(HERE / "init_pipeline.py"), "--vae", str(out / "vae"), "--out", str(out / "init"), "--threads", a.threads])
-    stage("4 unet + text encoder", (out / "base" / "recipe.json").is_file(),
-          [str(HERE / "train_base.py"), "--data", str(data), "--training-set", str(out / "training_set.jsonl"),
-           "--init", str(out / "init"), "--out", str(out / "base"), "--threads", a.threads, "--steps", a.unet_steps])
-    refine = int(a.refine_steps) > 0
-    if refine:
-        stage("4b refine", (out / "refined" / "recipe.json").is_file(),
+    def train_stage(name: str, init: str, trained: str, steps: str, *more: str) -> None:  # stages 4 and 4b
+        stage(name, (out / trained / "recipe.json").is_file(),
               [str(HERE / "train_base.py"), "--data", str(data), "--training-set", str(out / "training_set.jsonl"),
-               "--init", str(out / "base"), "--out", str(out / "refined"), "--threads", a.threads, "--steps", a.refine_steps,
-               "--lr", a.refine_lr, "--warmup", "50", "--seed", "1"])
+               "--init", str(out / init), "--out", str(out / trained), "--threads", a.threads, "--steps", steps, *more])
+
+    train_stage("4 unet + text encoder", "init", "base", a.unet_steps)
+    refine = a.refine_steps > 0
+    if refine:
+        train_stage("4b refine", "base", "refined", str(a.refine_steps), "--lr", a.refine_lr, "--warmup", "50", "--seed", "1")
     package(out, Path(a.dest), "refined" if refine else "base")
 
 
