@@ -3,7 +3,7 @@ model's adapt.json + the method's own defaults -> a Plan (configs, method, promp
 run folder). Mistakes in any of them are one-line errors here, before torch is imported.
 
 Precedence, later winning: config defaults < the method's [train] defaults < the model's adapt.json
-< the recipe < the flags. `run_plan` takes the run folder and hands over to adapt.launch (data,
+(any section's options, by name) < the recipe < the flags. `run_plan` takes the run folder and hands over to adapt.launch (data,
 class images, the loop), imported there and then.
 """
 
@@ -50,6 +50,8 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
     spec = spec.resolve(configs)
     model = options.get("model")
     suggested = _model_suggestions(model, command) if spec.model_defaults else {}
+    if suggested:  # any section's option (the bundled base's DreamBooth prior-loss weight), below recipe and flags
+        configs = {s: build(s, recipe, flags, {"model": suggested}, sources=sources[s]) for s in configs}
     train = build("train", recipe, flags, {"method": spec.train_defaults, "model": suggested}, sources=sources["train"])
     if suggested:
         log.info("the model suggests %s for %s (its adapt.json); flags and recipes override",

@@ -54,6 +54,23 @@ def test_each_setting_knows_where_it_came_from(model_with_defaults, tmp_path):
     assert any("batch_size = 1  <- default" in x for x in describe(plan.configs, plan.sources))
 
 
+def test_the_model_may_suggest_any_sections_option(tiny_model, tmp_path):
+    """adapt.json's options reach every section by name (the bundled base's DreamBooth prior-loss weight), below
+    the recipe and the flags, and not the DreamBooth --lora variant, which takes no model suggestions."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    (folder / "adapt.json").write_text(json.dumps({"dreambooth": {"lr": 2e-4, "prior_loss_weight": 0.3, "rank": 2}}))
+    plan = make_plan("dreambooth", opts(tmp_path, model=str(folder)))
+    assert plan.configs["dreambooth"].prior_loss_weight == 0.3 and plan.configs["train"].lr == 2e-4
+    assert plan.sources["dreambooth"]["prior_loss_weight"] == "model"
+    assert make_plan("dreambooth", opts(tmp_path, model=str(folder), prior_loss_weight=0.5)).configs["dreambooth"].prior_loss_weight == 0.5
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[dreambooth]\nprior_loss_weight = 0.7\n")
+    assert make_plan("dreambooth", opts(tmp_path, model=str(folder), recipe=recipe)).configs["dreambooth"].prior_loss_weight == 0.7
+    lora = make_plan("dreambooth", opts(tmp_path, model=str(folder), lora=True))
+    assert lora.configs["dreambooth"].prior_loss_weight == 1.0 and lora.configs["lora"].rank != 2
+
+
 def tiny_model_of(folder):
     """The same weights without adapt.json."""
     (Path(folder) / "adapt.json").unlink()
