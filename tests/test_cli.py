@@ -134,6 +134,15 @@ def test_shipped_recipes_parse(recipe):
         build(section, parsed, {})
 
 
+def test_the_emoji_recipe_spells_out_the_bundled_bases_lora_settings():
+    """recipes/lora-emoji.toml says it is the quickstart's settings; a recipe sits above adapt.json, so a stale
+    copy would quietly train with other ones."""
+    from adapt.models import BUNDLED_MODEL, model_defaults
+
+    recommended = model_defaults(BUNDLED_MODEL)["lora"]
+    assert {k: read_recipe(ROOT / "recipes" / "lora-emoji.toml")["train"][k] for k in recommended} == recommended
+
+
 def test_recipe_values_are_defaults_flags_override(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text("[train]\nsteps = 7\nlr = 1\n[lora]\nrank = 8\n")
