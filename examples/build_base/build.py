@@ -1,6 +1,6 @@
 """Build the bundled emoji base model from scratch: every stage, seeded, resumable.
 
-    python examples/build_base/build.py --data ../shared/data/emoji        # ~100 min on 2 CPU cores
+    python examples/build_base/build.py --data ../shared/data/emoji        # ~3 h on 2 CPU cores
 
 Stages (each skipped when its output exists, so a killed build continues where it stopped):
   1. select_emoji.py   -> training_set.jsonl + heldout.jsonl: (emoji, style) cells of "Animals &
@@ -14,10 +14,10 @@ Stages (each skipped when its output exists, so a killed build continues where i
                           at every level, SD 1.5's noise schedule
   4. train_base.py     -> base/: UNet + text encoder trained together on adapt's one training loop
                           (FullMethod(train_text_encoder=True)), captions from captions.py
-  4b. train_base.py    -> refined/, only with --refine-steps N: stage 4 again for N steps from base/'s
-                          model, with a cosine schedule of its own from --refine-lr (5e-4) and seed 1
-                          (other captions, order and noise); packaged instead of base/. The shipped base
-                          has none; README "The bundled base model" has what 4,000 such steps measured
+  4b. train_base.py    -> refined/, --refine-steps N (default 4000, as shipped; 0 skips it): stage 4
+                          again for N steps from base/'s model, with a cosine schedule of its own from
+                          --refine-lr (5e-4) and seed 1 (other captions, order and noise); packaged
+                          instead of base/. README "The bundled base model" has what it changed
   5. package           -> adapt/base/: the pipeline folder + training_set.jsonl + heldout.jsonl +
                           adapt.json + README (licences); no build-machine paths in the configs
 
@@ -49,6 +49,8 @@ base that runs offline on a laptop CPU: 64x64 images, 16x16x4 latents.
 - Text encoder: a {layers}-layer `CLIPTextModel` (hidden {hidden}) with the real CLIP tokenizer of SD 1.x (49,408 tokens).
 - UNet: `UNet2DConditionModel` with cross-attention at every resolution level ({unet_params:,} parameters).
 - Noise schedule: SD 1.5's (scaled_linear 0.00085 -> 0.012, 1,000 steps, epsilon prediction).
+- Training: UNet and text encoder together on adapt's loop; `recipe.json` holds the settings (after a
+  `--refine-steps` run, as here: `base`, stage 4's, and `refined`, stage 4b's).
 
 ## What it was trained on
 
@@ -89,9 +91,11 @@ ADAPT_DEFAULTS = {
     "_note": "Settings this small 64 px model recommends (see README.md); recipes and flags override them.",
     "guidance": 3.0,
     "styles": STYLE_PHRASES,
-    "lora": {"lr": 0.004, "steps": 500},  # quickstart 1.000 Twemoji cats (0.875 at 2e-3, 0.938 at 8e-3; 0.312 at 1e-3)
-    "dreambooth": {"lr": 0.0001, "steps": 200},
-    "textual-inversion": {"lr": 0.005, "steps": 300},
+    # measured on the shipped (refined) base; README "The bundled base model" has the probes
+    "lora": {"lr": 0.004, "steps": 750},  # quickstart 1.000 Twemoji cats (0.750 at 500 steps, 0.625 at 2e-3, 0.375 at 8e-3)
+    # prior weight 0.3: 0.812 Twemoji cats, class drift 0.765 of no prior's (1.0 x 300: 0.000; + text encoder: 0.625, 0.867)
+    "dreambooth": {"lr": 0.0001, "steps": 300, "prior_loss_weight": 0.3},
+    "textual-inversion": {"lr": 0.005, "steps": 600},  # 0.062 (300 steps: 0.000; 1e-2 x 300 and 2e-3 x 600: 0.000)
 }
 
 
@@ -156,7 +160,7 @@ def main() -> None:
     p.add_argument("--threads", default="2")
     p.add_argument("--vae-seconds", default="1800", help="wall-clock cap of the VAE's training loop")
     p.add_argument("--unet-steps", default="4800")
-    p.add_argument("--refine-steps", type=int, default=0, help="stage 4b: train on from stage 4's model for this many steps "
+    p.add_argument("--refine-steps", type=int, default=4000, help="stage 4b: train on from stage 4's model for this many steps "
                    "(0: ship stage 4's model)")
     p.add_argument("--refine-lr", default="5e-4", help="stage 4b's peak learning rate (cosine to 0, 50 warm-up steps)")
     p.add_argument("--vae", default=None, help="reuse this trained VAE folder (re-measured) instead of training one "
