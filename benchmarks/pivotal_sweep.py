@@ -1,5 +1,5 @@
 """Pivotal tuning against LoRA and textual inversion on the bundled base (issue 17): eval's distance to
-examples/cat of 16 seeds' images of "an emoji of <sks> cat face", after `steps` steps of each run.
+examples/cat of 16 seeds' images of "an emoji of <sks> cat face" (or --prompt), after `steps` steps of each run.
 
 Runs are named on the command line:
 
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 LORA, EMBEDS = "pytorch_lora_weights.safetensors", "learned_embeds.safetensors"
 TOKEN, SEEDS = "<sks>", list(range(16))
+PROMPT = f"an emoji of {TOKEN} cat face"
 
 
 def method(name: str, steps: int, lr: float):
@@ -50,9 +51,10 @@ def method(name: str, steps: int, lr: float):
     raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT[:N]")
 
 
-def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None) -> float:
-    """Train run `name` for `steps` steps (training --seed `seed`) on examples/cat, render 16 seeds, return eval's distance to the cats
-    (adapt/metrics.py distance_to_set; lower = closer); `grid`: also save the 16 images there, side by side, to look at.
+def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None, prompt: str = PROMPT) -> float:
+    """Train run `name` for `steps` steps (training --seed `seed`) on examples/cat, render 16 seeds of `prompt`, return eval's
+    distance to the cats (adapt/metrics.py distance_to_set; lower = closer); `grid`: also save the 16 images there, side by
+    side, to look at.
     tests/test_pivotal.py's quality tests call this too."""
     from adapt.data import instance_examples
     from adapt.images import make_grid
@@ -77,7 +79,7 @@ def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None) -> 
         train(load_components(None), m, instance_examples(cat, TOKEN, "x"), TrainConfig(steps=steps, seed=seed, **rates), Path(out),
               resolution=64, progress=False)
         pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(Path(out) / file), 1.0 if kind == "loras" else None)]})
-        images = generate(pipe, [f"an emoji of {TOKEN} cat face"] * len(SEEDS), SEEDS, steps=25,
+        images = generate(pipe, [prompt] * len(SEEDS), SEEDS, steps=25,
                           guidance=defaults["guidance"], batch_size=16)
     if grid is not None:
         make_grid(images, cols=len(images)).save(grid)
@@ -92,6 +94,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated: each run once per seed (paired: "
                     "at one seed, pivotal's LoRA starts from LoRA alone's init, data order and noise)")
     ap.add_argument("--images", type=Path, help="save each run's 16 images as one PNG strip (a row) in this folder")
+    ap.add_argument("--prompt", default=PROMPT, help="what to render after training (e.g. 'an emoji of cat face': does the "
+                    "token carry the concept, or did the whole class move?)")
     a = ap.parse_args()
     if a.images:
         a.images.mkdir(parents=True, exist_ok=True)
@@ -102,7 +106,7 @@ def main() -> None:
         for name in a.runs:
             start = time.time()
             grid = a.images / f"{name.replace(':', '_').replace('<', '').replace('>', '')}-seed{seed}.png" if a.images else None
-            d = distance(name, a.steps, seed, grid)
+            d = distance(name, a.steps, seed, grid, a.prompt)
             print(json.dumps({"run": name, "steps": a.steps, "seed": seed, "distance": round(d, 3),
                               "s": round(time.time() - start)}), flush=True)
 
