@@ -49,8 +49,7 @@ base that runs offline on a laptop CPU: 64x64 images, 16x16x4 latents.
 - Text encoder: a {layers}-layer `CLIPTextModel` (hidden {hidden}) with the real CLIP tokenizer of SD 1.x (49,408 tokens).
 - UNet: `UNet2DConditionModel` with cross-attention at every resolution level ({unet_params:,} parameters).
 - Noise schedule: SD 1.5's (scaled_linear 0.00085 -> 0.012, 1,000 steps, epsilon prediction).
-- Training: UNet and text encoder together on adapt's loop; `recipe.json` holds the settings (after a
-  `--refine-steps` run, as here: `base`, stage 4's, and `refined`, stage 4b's).
+- Training: UNet and text encoder together on adapt's loop; `recipe.json` holds the settings{recipe_parts}.
 
 ## What it was trained on
 
@@ -147,7 +146,8 @@ def package(out: Path, dest: Path, trained: str = "base") -> None:
     (dest / "README.md").write_text(README.format(
         hidden=te["hidden_size"], layers=te["num_hidden_layers"], unet_params=unet, vae_params=vae_stats["parameters"],
         psnr_train=vae_stats["psnr_training_styles_db"], psnr_twemoji=vae_stats["psnr_twemoji_db"],
-        n_emoji=len({c["file"] for c in train}), n_train=len(train), n_held=len(held), styles=styles))
+        n_emoji=len({c["file"] for c in train}), n_train=len(train), n_held=len(held), styles=styles,
+        recipe_parts="" if trained == "base" else " (`base`: stage 4's run, `refined`: stage 4b's, which trained on from it)"))
     size = sum(p.stat().st_size for p in dest.rglob("*.safetensors"))
     print(f"[build] packaged {dest} ({size / 1e6:.1f} MB of weights)")
 
