@@ -3,8 +3,8 @@ model's adapt.json + the method's own defaults -> a Plan (configs, method, promp
 run folder). Mistakes in any of them are one-line errors here, before torch is imported.
 
 Precedence, later winning: config defaults < the method's [train] defaults < the model's adapt.json
-(any section's options, by name) < the recipe < the flags. `run_plan` takes the run folder and hands over to adapt.launch (data,
-class images, the loop), imported there and then.
+(any section's options, by name) < the recipe < the flags. `run_plan` takes the run folder and hands
+over to adapt.launch (data, class images, the loop), imported there and then.
 """
 
 from __future__ import annotations
