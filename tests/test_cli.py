@@ -143,6 +143,18 @@ def test_the_emoji_recipe_spells_out_the_bundled_bases_lora_settings():
     assert {k: read_recipe(ROOT / "recipes" / "lora-emoji.toml")["train"][k] for k in recommended} == recommended
 
 
+def test_the_shipped_adapt_json_is_what_the_base_build_writes():
+    """examples/build_base/build.py writes adapt/base/adapt.json from its ADAPT_DEFAULTS; the two must not drift."""
+    import importlib.util
+
+    from adapt.models import BUNDLED_MODEL
+
+    spec = importlib.util.spec_from_file_location("build_base", ROOT / "examples" / "build_base" / "build.py")
+    build_base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_base)
+    assert json.loads((BUNDLED_MODEL / "adapt.json").read_text()) == build_base.ADAPT_DEFAULTS
+
+
 def test_recipe_values_are_defaults_flags_override(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text("[train]\nsteps = 7\nlr = 1\n[lora]\nrank = 8\n")
