@@ -27,14 +27,19 @@ def watch(pipe) -> tuple[dict, list]:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_same_seed_same_image_at_batch_sizes_1_and_4_in_each_precision(tiny_model, dtype):
     """fp16 keeps the VAE fp32 and still renders (the UNet's fp16 latents are cast on the way in);
-    bf16 runs wholly in bf16. The four images decode in one VAE call."""
+    bf16 runs wholly in bf16. The four images decode in one VAE call. A seed's image is the same at
+    batch size 1 and 4 to within one level of 255: some CPUs' kernels round differently by batch shape
+    (on an AMD EPYC, bf16: 16 of 768 values 1 apart; the bundled base even in fp32: 1 value), while
+    another seed's image differs by ~50-110 levels on average."""
     pipe = load_pipeline(str(tiny_model), "dpm++2m-karras", device="cpu", dtype=dtype)
     assert pipe.unet.dtype == dtype and pipe.text_encoder.dtype == dtype
     assert pipe.vae.dtype == (torch.float32 if dtype == torch.float16 else dtype)
     seen, _ = watch(pipe)
     one = np.asarray(generate(pipe, ["a cat"], [2], steps=3, size=16)[0])
     many = [np.asarray(im) for im in generate(pipe, ["a cat"] * 4, [0, 1, 2, 3], steps=3, size=16, batch_size=4)]
-    np.testing.assert_array_equal(one, many[2])
+    gap = [np.abs(one.astype(int) - m.astype(int)) for m in many]
+    assert gap[2].max() <= 1, gap[2].max()  # seed 2 in a batch of 4 is seed 2 alone
+    assert min(gap[i].mean() for i in (0, 1, 3)) > 20, [g.mean() for g in gap]  # other seeds, other images
     assert seen["unet"] == {dtype}
     assert seen["decoder"] == [(1, pipe.vae.dtype, pipe.vae.dtype), (4, pipe.vae.dtype, pipe.vae.dtype)]
     assert len({im.tobytes() for im in many}) == 4  # four seeds, four images
