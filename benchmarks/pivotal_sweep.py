@@ -51,10 +51,11 @@ def method(name: str, steps: int, lr: float):
     raise SystemExit(f"unknown run {name!r}: lora, ti:LR:INIT or piv:LR:FRACTION:INIT[:N]")
 
 
-def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None, prompt: str = PROMPT) -> float:
+def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None, prompt: str = PROMPT,
+             guidance: float | None = None) -> float:
     """Train run `name` for `steps` steps (training --seed `seed`) on examples/cat, render 16 seeds of `prompt`, return eval's
-    distance to the cats (adapt/metrics.py distance_to_set; lower = closer); `grid`: also save the 16 images there, side by
-    side, to look at.
+    distance to the cats (adapt/metrics.py distance_to_set; lower = closer) at `guidance` (None: the model's); `grid`: also
+    save the 16 images there, side by side, to look at.
     tests/test_pivotal.py's quality tests call this too."""
     from adapt.data import instance_examples
     from adapt.images import make_grid
@@ -80,7 +81,7 @@ def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None, pro
               resolution=64, progress=False)
         pipe = load_pipeline(None, "dpm++2m-karras", **{kind: [(str(Path(out) / file), 1.0 if kind == "loras" else None)]})
         images = generate(pipe, [prompt] * len(SEEDS), SEEDS, steps=25,
-                          guidance=defaults["guidance"], batch_size=16)
+                          guidance=defaults["guidance"] if guidance is None else guidance, batch_size=16)
     if grid is not None:
         make_grid(images, cols=len(images)).save(grid)
     return distance_to_set(features(images), features(sorted(cat.glob("*.png"))))
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--images", type=Path, help="save each run's 16 images as one PNG strip (a row) in this folder")
     ap.add_argument("--prompt", default=PROMPT, help="what to render after training (e.g. 'an emoji of cat face': does the "
                     "token carry the concept, or did the whole class move?)")
+    ap.add_argument("--guidance", type=float, help="render at this guidance instead of the model's (the bundled base: 3): how much of a "
+                    "run's difference does guidance make?")
     a = ap.parse_args()
     if a.images:
         a.images.mkdir(parents=True, exist_ok=True)
@@ -106,8 +109,9 @@ def main() -> None:
         for name in a.runs:
             start = time.time()
             grid = a.images / f"{name.replace(':', '_').replace('<', '').replace('>', '')}-seed{seed}.png" if a.images else None
-            d = distance(name, a.steps, seed, grid, a.prompt)
-            print(json.dumps({"run": name, "steps": a.steps, "seed": seed, "distance": round(d, 3),
+            d = distance(name, a.steps, seed, grid, a.prompt, a.guidance)
+            extra = {} if a.guidance is None else {"guidance": a.guidance}
+            print(json.dumps({"run": name, "steps": a.steps, "seed": seed, **extra, "distance": round(d, 3),
                               "s": round(time.time() - start)}), flush=True)
 
 
