@@ -97,8 +97,8 @@ def main() -> None:
     ap.add_argument("--images", type=Path, help="save each run's 16 images as one PNG strip (a row) in this folder")
     ap.add_argument("--prompt", default=PROMPT, help="what to render after training (e.g. 'an emoji of cat face': does the "
                     "token carry the concept, or did the whole class move?)")
-    ap.add_argument("--guidance", type=float, help="render at this guidance instead of the model's (the bundled base: 3): how much of a "
-                    "run's difference does guidance make?")
+    ap.add_argument("--guidance", type=float, help="render at this guidance instead of the model's (the bundled base: "
+                    "3): how much of a run's difference does guidance make?")
     a = ap.parse_args()
     if a.images:
         a.images.mkdir(parents=True, exist_ok=True)
