@@ -101,3 +101,41 @@ def standard_clip_keys():
         assert all(torch.equal(loaded[k], saved[names[k]]) for k in fresh)
 
     return check
+
+
+@pytest.fixture(scope="module")
+def fault_table(request, tmp_path_factory):
+    """The fault-injection modules' table of (fault, outcome, data lost), see faults_kit.py."""
+    import faults_kit  # here, not at the top: it imports torch, after the thread setting above
+
+    yield
+    module = request.module.__name__
+    lines = ["| fault | outcome | data lost |", "|---|---|---|"]
+    lines += [f"| {r['fault']} | {r['outcome']} | {r['lost']} |" for r in faults_kit.ROWS.pop(module, [])]
+    table = "\n".join(lines)
+    path = tmp_path_factory.getbasetemp() / f"fault-table-{module}.md"
+    path.write_text(table + "\n")
+    print(f"\n\n{table}\n\n(table also in {path})")
+
+
+@pytest.fixture
+def no_process_left():
+    """Kill what faults_kit.start started and a test left running."""
+    import faults_kit
+
+    yield
+    for proc in faults_kit.PROCS:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    faults_kit.PROCS.clear()
+
+
+@pytest.fixture
+def fault(request):
+    """fault(name, outcome): fill this test's row, once its checks have passed."""
+    import faults_kit
+
+    row = {"fault": request.node.name, "outcome": "FAILED", "lost": "not checked"}
+    faults_kit.ROWS.setdefault(request.module.__name__, []).append(row)
+    return lambda name, outcome: row.update(fault=name, outcome=outcome, lost="none")

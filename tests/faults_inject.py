@@ -1,4 +1,5 @@
-"""Run an adapt command (or a class-image request) with faults injected, for tests/test_faults.py.
+"""Run an adapt command (or a class-image request) with faults injected, for the fault-injection tests
+(tests/test_faults.py, tests/test_faults_files.py).
 
     python tests/faults_inject.py [--slow-step K SECONDS] [--die-writing GLOB N] -- adapt ARGS...
     python tests/faults_inject.py [...] -- class-images MODEL CACHE_ROOT COUNT [BARRIER_DIR]
