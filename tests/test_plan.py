@@ -56,7 +56,8 @@ def test_each_setting_knows_where_it_came_from(model_with_defaults, tmp_path):
 
 def test_the_model_may_suggest_any_sections_option(tiny_model, tmp_path):
     """adapt.json's options reach every section by name (the bundled base's DreamBooth prior-loss weight), below
-    the recipe and the flags, and not the DreamBooth --lora variant, which takes no model suggestions."""
+    the recipe and the flags. The DreamBooth --lora variant takes its own section, "dreambooth-lora", not the full
+    UNet's: a LoRA learns at other rates."""
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
     (folder / "adapt.json").write_text(json.dumps({"dreambooth": {"lr": 2e-4, "prior_loss_weight": 0.3, "rank": 2}}))
@@ -69,6 +70,15 @@ def test_the_model_may_suggest_any_sections_option(tiny_model, tmp_path):
     assert make_plan("dreambooth", opts(tmp_path, model=str(folder), recipe=recipe)).configs["dreambooth"].prior_loss_weight == 0.7
     lora = make_plan("dreambooth", opts(tmp_path, model=str(folder), lora=True))
     assert lora.configs["dreambooth"].prior_loss_weight == 1.0 and lora.configs["lora"].rank != 2
+    assert lora.configs["train"].lr == 1e-4 and lora.sources["train"]["lr"] == "default"
+    (folder / "adapt.json").write_text(json.dumps({"dreambooth": {"lr": 2e-4, "rank": 2},
+                                                   "dreambooth-lora": {"lr": 3e-3, "steps": 40, "prior_loss_weight": 0.5, "rank": 8}}))
+    lora = make_plan("dreambooth", opts(tmp_path, model=str(folder), lora=True))
+    assert (lora.configs["train"].lr, lora.configs["train"].steps) == (3e-3, 40) and lora.sources["train"]["lr"] == "model"
+    assert lora.configs["dreambooth"].prior_loss_weight == 0.5 and lora.configs["lora"].rank == 8
+    assert make_plan("dreambooth", opts(tmp_path, model=str(folder), lora=True, lr=1e-3)).configs["train"].lr == 1e-3
+    full = make_plan("dreambooth", opts(tmp_path, model=str(folder)))
+    assert full.configs["train"].lr == 2e-4 and full.configs["dreambooth"].prior_loss_weight == 1.0
 
 
 def tiny_model_of(folder):

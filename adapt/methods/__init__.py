@@ -37,7 +37,7 @@ class MethodSpec:
     target: str                                  # "module:Class" of the Method
     sections: tuple[str, ...]                    # config sections it reads, in its command's option order
     train_defaults: Mapping[str, Any] = field(default_factory=dict)  # below adapt.json, recipe, flags
-    model_defaults: bool = True                  # the model's adapt.json suggestions for the command apply
+    model_section: str | None = None             # the model's adapt.json section it takes (None: the command's name)
     variant: tuple[str, str, "MethodSpec"] | None = None  # (section, switch, spec): run `spec` when the switch is on
     hidden: tuple[str, ...] = ()                 # "section.field" fields it reads but offers no option for
     help: Mapping[str, str] = field(default_factory=dict)  # "section.field" -> its option's help, where it differs
@@ -110,7 +110,7 @@ METHODS: dict[str, MethodSpec] = {
                        help={"train.embedding_lr": "Learning rate of the new token's embedding vectors (with --pivotal). Default: --lr / 20."}, description=DESCRIPTIONS["lora"]),
     "dreambooth": MethodSpec(
         "adapt.methods.full:FullMethod", ("data", "dreambooth", "lora", "train"), {"lr": 5e-6},
-        variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_defaults=False)),
+        variant=("dreambooth", "lora", MethodSpec(_LORA, ("data", "dreambooth", "lora", "train"), model_section="dreambooth-lora")),
         hidden=_NO_EMBEDDING,
         help={"lora.rank": _WITH_LORA, "lora.alpha": _WITH_LORA, "lora.targets": _WITH_LORA, "train.loraplus_ratio": _WITH_LORA,
               "lora.adapter": _WITH_LORA, "lora.rank_stabilised": _WITH_LORA,
