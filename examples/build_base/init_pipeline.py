@@ -58,74 +58,17 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # pipeline_configs (already there when run as a script)
+    sys.path.insert(0, str(HERE))
+
+from pipeline_configs import BOS_ID, EOS_ID, SD15_SCHEDULER, VOCAB_SIZE, build_models, n_params  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO_ROOT / "adapt" / "data_files" / "clip-tokenizer"
-VOCAB_SIZE = 49408
-BOS_ID, EOS_ID = 49406, 49407
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json")
 REFERENCE_IDS = ("a photo of a cat", [49406, 320, 1125, 539, 320, 2368, 49407])  # SD 1.5's ids
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 LADDER = [(1, 128), (1, 96), (1, 80), (1, 64)]
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,  # not a DDPM argument; from_config keeps it in the saved config
-    steps_offset=1,
-    prediction_type="epsilon",
-)
-
-
-def text_config(hidden: int):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        projection_dim=hidden,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=EOS_ID,
-    )
-
-
-def unet_kwargs(layers_per_block: int, cross_attention_dim: int, sample_size: int = 16) -> dict:
-    return dict(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(64, 128, 192),
-        # cross-attention at every resolution level (16x16, 8x8, 4x4 latents) and in the mid block,
-        # so attention-only LoRAs (Q,K by default) can steer coarse layout and fine detail alike
-        down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=cross_attention_dim,
-        layers_per_block=layers_per_block,
-        attention_head_dim=4,  # legacy diffusers naming: number of heads (16-48 channels per head)
-        norm_num_groups=32,
-    )
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_models(layers_per_block: int, hidden: int, seed: int, sample_size: int):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(text_config(hidden))
-    torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**unet_kwargs(layers_per_block, hidden, sample_size))
-    return text_encoder.eval(), unet.eval()
 
 
 def weight_bytes(folder: Path) -> dict[str, int]:
@@ -146,7 +89,7 @@ def du_bytes(paths: list[Path]) -> int | None:
     return int(res.stdout.strip().splitlines()[-1].split()[0])
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", default=str(REPO_ROOT / "outputs" / "base-build" / "vae"),
                    help="trained AutoencoderKL folder (from train_vae.py)")
@@ -160,38 +103,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", default="an emoji of cat")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return p.parse_args(argv)
 
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+def load_tokenizer(folder: str):
+    """The CLIP tokenizer of ``folder``, checked for SD 1.x's vocabulary size and special-token ids."""
     from transformers import CLIPTokenizer
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
-    budget = int(args.max_mb * 1e6)
-
-    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
     if len(tokenizer) != VOCAB_SIZE:
-        raise SystemExit(f"tokenizer at {args.tokenizer} has {len(tokenizer)} tokens, not {VOCAB_SIZE}")
+        raise SystemExit(f"tokenizer at {folder} has {len(tokenizer)} tokens, not {VOCAB_SIZE}")
     if (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) != (BOS_ID, EOS_ID, EOS_ID):
         raise SystemExit("unexpected special-token ids in the tokenizer")
+    return tokenizer
 
-    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+
+def load_vae(folder: str):
+    """The trained VAE of ``folder`` (4 latent channels) and its latent size; returns (vae, latent_size)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder).eval()
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_size = vae.config.sample_size // vae_factor
     if vae.config.latent_channels != 4:
         raise SystemExit("the UNet expects a 4-channel latent VAE")
-    vae_params = n_params(vae)
+    return vae, latent_size
 
-    # ---- choose the configuration that fits the weight budget ----
+
+def choose_config(args, vae_params: int, latent_size: int, budget: int):
+    """The first (layers_per_block, text hidden) of the ladder (or the one asked for) whose predicted
+    float32 size fits ``budget`` bytes; returns (layers_per_block, hidden, text_encoder, unet)."""
     if args.text_hidden_size == "auto" or args.unet_layers_per_block == "auto":
         ladder = [(l, h) for l, h in LADDER
                   if args.unet_layers_per_block in ("auto", str(l))
                   and args.text_hidden_size in ("auto", str(h))]
     else:
         ladder = [(int(args.unet_layers_per_block), int(args.text_hidden_size))]
-    chosen = None
     for lpb, hidden in ladder:
         text_encoder, unet = build_models(lpb, hidden, args.seed, latent_size)
         predicted = 4 * (n_params(text_encoder) + n_params(unet) + vae_params)
@@ -199,26 +146,20 @@ def main(argv: list[str] | None = None) -> None:
               f"unet {n_params(unet):,} + text {n_params(text_encoder):,} + vae {vae_params:,} params "
               f"-> ~{predicted / 1e6:.1f} MB", flush=True)
         if predicted <= budget:
-            chosen = (lpb, hidden, text_encoder, unet)
-            break
-    if chosen is None:
-        raise SystemExit(f"no configuration fits {args.max_mb} MB")
-    lpb, hidden, text_encoder, unet = chosen
+            return lpb, hidden, text_encoder, unet
+    raise SystemExit(f"no configuration fits {args.max_mb} MB")
 
-    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
 
-    # Save to a temp sibling, then swap in, so an interrupted run never leaves half a folder.
+def save_pipeline(pipe, out: Path, tokenizer_folder: str) -> None:
+    """``pipe.save_pretrained`` plus the original tokenizer files, into a temp sibling swapped in at
+    the end, so an interrupted run never leaves half a folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:
-            src = Path(args.tokenizer) / name
+            src = Path(tokenizer_folder) / name
             if src.exists() and not (tmp / "tokenizer" / name).exists():
                 shutil.copyfile(src, tmp / "tokenizer" / name)  # copyfile: not the read-only mode
         for f in tmp.rglob("*"):  # save_pretrained writes weight files via mkstemp (mode 0600)
@@ -230,26 +171,34 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    # ---- size check ----
+
+def check_size(out: Path, max_mb: float, budget: int):
+    """Prints the weight bytes per component; fails on non-safetensors weights or over ``budget``.
+    Returns (bytes per component, total, ``du -cb`` total)."""
     sizes = weight_bytes(out)
     total = sum(sizes.values())
     files = [f for f in out.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)]
     du_total = du_bytes(files)
     for comp, b in sorted(sizes.items()):
         print(f"  {comp:13s} {b / 1e6:6.2f} MB", flush=True)
-    print(f"  weights total {total / 1e6:.2f} MB ({total:,} bytes; du -cb: {du_total:,}), "
-          f"limit {args.max_mb} MB", flush=True)
+    print(f"  weights total {total / 1e6:.2f} MB ({total:,} bytes; du -cb: {du_total if du_total is None else f'{du_total:,}'}), "
+          f"limit {max_mb} MB", flush=True)
     if not all(f.suffix == ".safetensors" for f in files):
         raise SystemExit(f"non-safetensors weight files: {files}")
     if max(total, du_total or 0) > budget:
-        raise SystemExit(f"weights {total / 1e6:.2f} MB exceed the {args.max_mb} MB limit")
+        raise SystemExit(f"weights {total / 1e6:.2f} MB exceed the {max_mb} MB limit")
+    return sizes, total, du_total
 
-    # ---- reload checks ----
+
+def check_tokenizer(out: Path, tokenizer, prompt: str):
+    """The saved tokenizer gives the original's ids (and SD 1.5's), also from vocab/merges alone."""
+    from transformers import CLIPTokenizer
+
     saved_tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
     assert len(saved_tok) == VOCAB_SIZE, f"saved tokenizer has {len(saved_tok)} tokens"
-    ids = saved_tok(args.prompt).input_ids
+    ids = saved_tok(prompt).input_ids
     assert ids[0] == BOS_ID and ids[-1] == EOS_ID and len(ids) > 3, ids
-    assert ids == tokenizer(args.prompt).input_ids
+    assert ids == tokenizer(prompt).input_ids
     assert saved_tok(REFERENCE_IDS[0]).input_ids == REFERENCE_IDS[1]
     slow_only = Path(tempfile.mkdtemp(prefix="clip-tok-"))
     try:  # the copied vocab/merges alone (no tokenizer.json) must give the same tokenizer
@@ -259,17 +208,24 @@ def main(argv: list[str] | None = None) -> None:
         assert len(tok2) == VOCAB_SIZE and tok2(REFERENCE_IDS[0]).input_ids == REFERENCE_IDS[1]
     finally:
         shutil.rmtree(slow_only, ignore_errors=True)
+    return saved_tok
+
+
+def check_pipeline(out: Path, pipe, prompt: str, seed: int) -> dict[str, str]:
+    """The saved pipeline reloads with the same weights and generates; without ``torch_dtype`` every
+    component is float32. Returns the component dtypes of that plain load."""
+    from diffusers import StableDiffusionPipeline
 
     loaded = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
     assert loaded.safety_checker is None and loaded.feature_extractor is None
     assert type(loaded.scheduler).__name__ == "DDPMScheduler", type(loaded.scheduler)
-    assert abs(loaded.vae.config.scaling_factor - vae.config.scaling_factor) < 1e-9
+    assert abs(loaded.vae.config.scaling_factor - pipe.vae.config.scaling_factor) < 1e-9
     for name in ("unet", "text_encoder", "vae"):
         a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys(), name
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights changed on reload"
-    g = torch.Generator().manual_seed(args.seed)
-    res = loaded(args.prompt, num_inference_steps=2, height=64, width=64, generator=g,
+    g = torch.Generator().manual_seed(seed)
+    res = loaded(prompt, num_inference_steps=2, height=64, width=64, generator=g,
                  guidance_scale=7.5, output_type="np")
     img = res.images
     assert img.shape == (1, 64, 64, 3) and bool((img >= 0).all() and (img <= 1).all()), img.shape
@@ -282,6 +238,33 @@ def main(argv: list[str] | None = None) -> None:
                     for name in ("unet", "text_encoder", "vae")}
     print(f"dtypes without torch_dtype: {dtypes} (all floating tensors: {param_dtypes})", flush=True)
     assert all(v == ["torch.float32"] for v in param_dtypes.values()), param_dtypes
+    return dtypes
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+    budget = int(args.max_mb * 1e6)
+    tokenizer = load_tokenizer(args.tokenizer)
+    vae, latent_size = load_vae(args.vae)
+    vae_params = n_params(vae)
+    lpb, hidden, text_encoder, unet = choose_config(args, vae_params, latent_size, budget)
+
+    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    save_pipeline(pipe, out, args.tokenizer)
+    sizes, total, du_total = check_size(out, args.max_mb, budget)
+    saved_tok = check_tokenizer(out, tokenizer, args.prompt)
+    dtypes = check_pipeline(out, pipe, args.prompt, args.seed)
 
     stats = {
         "out": str(out),

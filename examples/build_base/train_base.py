@@ -30,7 +30,7 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "emoji"
 BUILD = REPO_ROOT / "outputs" / "base-build"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="emoji folder with one sub-folder per style")
     p.add_argument("--training-set", default=str(BUILD / "training_set.jsonl"))
@@ -47,17 +47,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument("--measure", type=int, default=0, help="only time N steps (no resume, no save kept)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import torch
 
-    torch.set_num_threads(a.threads)
+def build_examples(a) -> list:
+    """The training examples: each cell of --training-set with its seeded captions (captions.py);
+    also writes them to <out>/../captions.jsonl (not with --measure)."""
     from adapt.data import Example
-    from adapt.methods.full import FullMethod
-    from adapt.models import load_components
-    from adapt.train import train
-    from adapt.train_config import TrainConfig
-
     from transformers import CLIPTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,15 +70,37 @@ def main(argv=None) -> None:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out).parent / "captions.jsonl").write_text(
             "".join(json.dumps({"image": f"{e.image.parent.name}/{e.image.name}", "caption": e.prompt}) + "\n" for e in examples))
+    return examples
+
+
+def train_config(a):
+    """The TrainConfig: resumes from <out>/checkpoints if there are any (not with --fresh or --measure)."""
+    from adapt.train_config import TrainConfig
+
     out = Path(a.out)
     resume = None if (a.fresh or a.measure) else ("latest" if (out / "checkpoints").is_dir() else None)
-    cfg = TrainConfig(
+    return TrainConfig(
         steps=a.measure or a.steps, batch_size=a.batch_size, lr=a.lr, lr_scheduler="cosine",
         warmup_steps=a.warmup, weight_decay=1e-2, max_grad_norm=1.0, caption_dropout=a.caption_dropout, snr_gamma=a.snr_gamma,
         cache_latents=True, cache_text=False, mixed_precision="no", seed=a.seed,
         checkpoint_every=0 if a.measure else a.checkpoint_every,
         keep_checkpoints=1, resume=resume,
     )
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from adapt.methods.full import FullMethod
+    from adapt.models import load_components
+    from adapt.train import train
+
+    examples = build_examples(a)
+    out = Path(a.out)
+    cfg = train_config(a)
     components = load_components(a.init)
     keys = ("steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay",
             "max_grad_norm", "mixed_precision", "gradient_checkpointing", "cache_latents", "cache_text", "caption_dropout",

@@ -46,150 +46,30 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # make `adapt` importable without PYTHONPATH
     sys.path.insert(0, str(REPO_ROOT))
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # vae_utils (already there when run as a script)
+    sys.path.insert(0, str(HERE))
 
-from adapt.images import load_rgb, make_grid, save_image  # noqa: E402
+from adapt.images import make_grid, save_image  # noqa: E402
+from vae_utils import (  # noqa: E402
+    atomic_write_text, batch_indices, build_vae, encode_decode, load_checkpoint, load_folder, load_folders, lr_factor,
+    progress, psnr, save_checkpoint, to_pil, vae_loss,
+)
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "emoji"
 CKPT_NAME = "ckpt.pt"
 
 
-def build_vae(block_out_channels=(32, 64, 64), norm_num_groups=32, sample_size=64):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        norm_num_groups=norm_num_groups,
-        sample_size=sample_size,
-    )
-
-
-def load_folder(folder: str | os.PathLike, files: list[str] | None = None, size: int = 64):
-    """Load images as a float tensor (N, 3, size, size) in [-1, 1]; returns (tensor, files)."""
-    folder = Path(folder)
-    if files is None:
-        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".png")
-    return load_paths([folder / f for f in files], size), files
-
-
-def load_folders(folders: list[str], exclude: set[tuple[str, str]], size: int = 64):
-    """All PNGs of several style folders except the (style folder name, file) cells in `exclude`."""
-    paths = [p for f in folders for p in sorted(Path(f).glob("*.png")) if (p.parent.name, p.name) not in exclude]
-    return load_paths(paths, size), [f"{p.parent.name}/{p.name}" for p in paths]
-
-
-def load_paths(paths: list[Path], size: int = 64) -> torch.Tensor:
-    arrs = []
-    for path in paths:
-        img = load_rgb(path)
-        if img.size != (size, size):
-            img = img.resize((size, size), resample=3)  # bicubic
-        arrs.append(np.asarray(img, dtype=np.uint8))
-    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x.contiguous()
-
-
-def progress(step: int, total_steps: int, seconds: float, max_seconds: float) -> float:
-    """Training progress in [0, 1]: by steps or by wall time, whichever is further along."""
-    p = step / max(1, total_steps)
-    if max_seconds > 0:
-        p = max(p, seconds / max_seconds)
-    return min(1.0, p)
-
-
-def lr_factor(step: int, prog: float, warmup: int, min_ratio: float = 0.05) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` as prog -> 1."""
-    w = min(1.0, (step + 1) / max(1, warmup))
-    return w * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the batch for a global step: a fresh permutation per epoch, seeded by
-    (seed, epoch), so the order is reproducible and resumable; the last partial batch is dropped."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[k * batch_size:(k + 1) * batch_size]
-
-
-def vae_loss(vae, x: torch.Tensor, kl_weight: float):
-    posterior = vae.encode(x).latent_dist
-    z = posterior.sample()
-    rec = vae.decode(z).sample
-    mse = F.mse_loss(rec, x)
-    kl = posterior.kl().mean()  # summed over latent dims, averaged over the batch (as SD)
-    return mse + kl_weight * kl, mse, kl
-
-
-@torch.inference_mode()
-def encode_decode(vae, x: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means of ``x`` and their decodes (clamped to [-1, 1]), batch by batch."""
-    means, recs = [], []
-    for i in range(0, len(x), batch_size):
-        z = vae.encode(x[i:i + batch_size]).latent_dist.mean
-        means.append(z)
-        recs.append(vae.decode(z).sample.clamp(-1, 1))
-    return torch.cat(means), torch.cat(recs)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean per-image PSNR, PSNR of the pooled MSE) in dB, images in [-1, 1] mapped to [0, 1]."""
-    a, b = (x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean()), float(10 * torch.log10(1 / mse.mean()))
-
-
-def to_pil(x: torch.Tensor):
-    from PIL import Image
-
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
-
-
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", default=",".join(str(DEFAULT_DATA / s) for s in
                                                   ("noto", "openmoji", "fluent-flat", "fluent-modern", "fluent-line")),
@@ -223,30 +103,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reuse", default=None, help="a trained VAE folder: skip training, re-measure and export it "
                         "(its scaling factor kept)")
     p.add_argument("--eval-images", type=int, default=1500,
-                   help="use only the first N images for the scaling factor and PSNR "
+                   help="use only N images (a seeded random sample) for the scaling factor and PSNR "
                         "(0 = all; a smaller number is for quick smoke tests)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    t_start = time.time()
 
-    out = Path(args.out)
-    ckpt_path = out / "checkpoints" / CKPT_NAME
-    boc = tuple(int(c) for c in args.block_out_channels.split(","))
-
+def load_training_images(args, t_start: float) -> torch.Tensor:
+    """The images of the ``--images`` folders minus the ``--exclude`` cells, in [-1, 1]."""
     exclude = set()
     if args.exclude:
         exclude = {(r["style"], r["file"]) for r in map(json.loads, Path(args.exclude).read_text().splitlines()) if r}
-    x_all, files = load_folders(args.images.split(","), exclude)
+    x_all, _ = load_folders(args.images.split(","), exclude)
     print(f"loaded {len(x_all)} training images from {args.images} in {time.time() - t_start:.1f}s",
           flush=True)
     if len(x_all) < args.batch_size:
         raise SystemExit(f"need at least --batch-size={args.batch_size} images")
+    return x_all
 
-    vae = build_vae(boc, args.norm_num_groups, sample_size=x_all.shape[-1])
+
+def build_model(args, boc: tuple[int, ...], sample_size: int):
+    """A fresh VAE (or the ``--reuse`` one, which sets --steps and --max-train-seconds to 0) and its
+    optimiser; returns (vae, optimiser, parameter count)."""
+    vae = build_vae(boc, args.norm_num_groups, sample_size=sample_size)
     if args.reuse:
         from diffusers import AutoencoderKL
 
@@ -256,33 +134,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"AutoencoderKL block_out_channels={boc}: {n_params:,} parameters", flush=True)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.99))
+    return vae, opt, n_params
 
-    step, elapsed_before = 0, 0.0
-    if ckpt_path.exists() and not args.fresh and not args.measure and not args.reuse:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["args"]["steps"] != args.steps or ck["args"]["block_out_channels"] != args.block_out_channels:
-            raise SystemExit(f"{ckpt_path} was made with different --steps/--block-out-channels; "
-                             "pass --fresh to start over")
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"])
-        step, elapsed_before = ck["step"], ck["train_seconds"]
-        print(f"resumed from {ckpt_path} at step {step} ({elapsed_before:.0f}s trained)", flush=True)
 
+def training_batch(x_all: torch.Tensor, args, step: int, prog: float) -> torch.Tensor:
+    """The images of ``step``'s batch: randomly cropped until ``--full-from``, randomly flipped."""
+    idx = batch_indices(len(x_all), args.batch_size, step, args.seed)
+    x = x_all[idx]
+    if args.crop and prog < args.full_from:  # crops: 4x cheaper steps, the convolutions see the same edges
+        g = torch.Generator().manual_seed(args.seed * 7919 + step)
+        top, left = (int(v) for v in torch.randint(0, x.shape[-1] - args.crop + 1, (2,), generator=g))
+        x = x[..., top:top + args.crop, left:left + args.crop]
+    if not args.no_flip:
+        flip = torch.rand(len(x)) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def train(vae, opt, x_all: torch.Tensor, args, ckpt_path: Path, step: int, elapsed_before: float) -> tuple[int, float]:
+    """The training loop, from ``step`` with ``elapsed_before`` seconds already trained; checkpoints
+    every ``--ckpt-every`` steps and at the end (not with --measure). Returns (step, seconds trained)."""
     total = args.measure or args.steps
     vae.train()
     t_loop = time.time()
     run_mse = run_kl = 0.0
     n_run = 0
-
-    def save_ckpt():
-        atomic_torch_save({
-            "model": vae.state_dict(), "optimizer": opt.state_dict(),
-            "torch_rng": torch.get_rng_state(), "step": step,
-            "train_seconds": elapsed_before + time.time() - t_loop, "args": vars(args),
-        }, ckpt_path)
-
-    lr = args.lr
     while not args.reuse:
         seconds = elapsed_before + time.time() - t_loop
         prog = progress(step, total, seconds, 0 if args.measure else args.max_train_seconds)
@@ -291,15 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         lr = args.lr * lr_factor(step, prog, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = batch_indices(len(x_all), args.batch_size, step, args.seed)
-        x = x_all[idx]
-        if args.crop and prog < args.full_from:  # crops: 4x cheaper steps, the convolutions see the same edges
-            g = torch.Generator().manual_seed(args.seed * 7919 + step)
-            top, left = (int(v) for v in torch.randint(0, x.shape[-1] - args.crop + 1, (2,), generator=g))
-            x = x[..., top:top + args.crop, left:left + args.crop]
-        if not args.no_flip:
-            flip = torch.rand(len(x)) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = training_batch(x_all, args, step, prog)
         loss, mse, kl = vae_loss(vae, x, args.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -321,19 +189,17 @@ def main(argv: list[str] | None = None) -> None:
             run_mse = run_kl = 0.0
             n_run = 0
         if step % args.ckpt_every == 0:
-            save_ckpt()
+            save_checkpoint(ckpt_path, vae, opt, step, elapsed_before + time.time() - t_loop, args)
+    if step % args.ckpt_every and not args.reuse and not args.measure:
+        # final state, so a re-run after a crash during export skips training
+        save_checkpoint(ckpt_path, vae, opt, step, elapsed_before + time.time() - t_loop, args)
+    return step, elapsed_before + time.time() - t_loop
 
-    if args.measure:
-        print(f"measured {step} steps in {time.time() - t_loop:.1f}s", flush=True)
-        return
-    if step % args.ckpt_every and not args.reuse:
-        save_ckpt()  # final state, so a re-run after a crash during export skips training
-    train_seconds = elapsed_before + time.time() - t_loop
-    print(f"training done: {step} steps in {train_seconds:.0f}s", flush=True)
 
-    # ---- evaluation, scaling factor, export ----
+def evaluate(vae, x_all: torch.Tensor, args) -> dict:
+    """Sets ``scaling_factor = 1 / std`` of the posterior means (kept with --reuse) in the VAE config;
+    returns the eval and held-out images, their reconstructions, latent statistics and PSNRs."""
     vae.eval()
-    t_eval = time.time()
     n_eval = min(len(x_all), args.eval_images or len(x_all))
     pick_eval = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(args.seed))[:n_eval]
     x_eval = x_all[pick_eval]
@@ -345,20 +211,31 @@ def main(argv: list[str] | None = None) -> None:
     x_held, _ = load_folder(args.heldout_images)
     _, rec_held = encode_decode(vae, x_held)
     psnr_held, psnr_held_pooled = psnr(rec_held, x_held)
+    return dict(n_eval=n_eval, x_eval=x_eval, rec=rec, x_held=x_held, rec_held=rec_held, means=means, std=std,
+                scaling_factor=scaling_factor, psnr_noto=psnr_noto, psnr_noto_pooled=psnr_noto_pooled,
+                psnr_held=psnr_held, psnr_held_pooled=psnr_held_pooled)
 
+
+def export(vae, out: Path, ev: dict, seed: int) -> Path:
+    """Saves the VAE to <out>/vae and the reconstruction grid to <out>/vae_recon.png; returns <out>/vae."""
     vae_dir = out / "vae"
     vae.save_pretrained(vae_dir, safe_serialization=True)
-    g = torch.Generator().manual_seed(args.seed)
-    pick = torch.randperm(min(n_eval, len(x_held)), generator=g)[:16]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(min(ev["n_eval"], len(ev["x_held"])), generator=g)[:16]
     tiles = []
     for i in pick.tolist():
-        tiles += [to_pil(x_eval[i]), to_pil(rec[i]), to_pil(x_held[i]), to_pil(rec_held[i])]
+        tiles += [to_pil(ev["x_eval"][i]), to_pil(ev["rec"][i]), to_pil(ev["x_held"][i]), to_pil(ev["rec_held"][i])]
     save_image(make_grid(tiles, cols=8), out / "vae_recon.png")
     # adapt.images.save_image and diffusers' save_pretrained write via mkstemp (mode 0600)
     for f in [out / "vae_recon.png", *vae_dir.iterdir()]:
         os.chmod(f, 0o644)
+    return vae_dir
 
-    stats = {
+
+def vae_stats(args, ev: dict, n_params: int, boc: tuple[int, ...], step: int, train_seconds: float,
+              n_train: int, t_eval: float, t_start: float) -> dict:
+    """The contents of <out>/vae_stats.json."""
+    return {
         "parameters": n_params,
         "block_out_channels": list(boc),
         "steps": step,
@@ -370,19 +247,49 @@ def main(argv: list[str] | None = None) -> None:
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.time() - t_eval, 1),
         "wall_seconds_this_run": round(time.time() - t_start, 1),
-        "psnr_training_styles_db": round(psnr_noto, 2),
-        "psnr_training_styles_pooled_db": round(psnr_noto_pooled, 2),
-        "psnr_twemoji_db": round(psnr_held, 2),
-        "psnr_twemoji_pooled_db": round(psnr_held_pooled, 2),
-        "latent_mean_std": round(std, 5),
-        "latent_mean_mean": round(float(means.mean()), 5),
-        "scaling_factor": round(scaling_factor, 5),
-        "latent_shape": list(means.shape[1:]),
-        "n_train_images": len(x_all),
-        "n_eval_images": n_eval,
+        "psnr_training_styles_db": round(ev["psnr_noto"], 2),
+        "psnr_training_styles_pooled_db": round(ev["psnr_noto_pooled"], 2),
+        "psnr_twemoji_db": round(ev["psnr_held"], 2),
+        "psnr_twemoji_pooled_db": round(ev["psnr_held_pooled"], 2),
+        "latent_mean_std": round(ev["std"], 5),
+        "latent_mean_mean": round(float(ev["means"].mean()), 5),
+        "scaling_factor": round(ev["scaling_factor"], 5),
+        "latent_shape": list(ev["means"].shape[1:]),
+        "n_train_images": n_train,
+        "n_eval_images": ev["n_eval"],
         "seed": args.seed,
         "threads": args.threads,
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+
+    out = Path(args.out)
+    ckpt_path = out / "checkpoints" / CKPT_NAME
+    boc = tuple(int(c) for c in args.block_out_channels.split(","))
+    x_all = load_training_images(args, t_start)
+    vae, opt, n_params = build_model(args, boc, x_all.shape[-1])
+
+    step, elapsed_before = 0, 0.0
+    if ckpt_path.exists() and not args.fresh and not args.measure and not args.reuse:
+        step, elapsed_before = load_checkpoint(ckpt_path, vae, opt, args)
+    step, train_seconds = train(vae, opt, x_all, args, ckpt_path, step, elapsed_before)
+    if args.measure:
+        print(f"measured {step} steps in {train_seconds:.1f}s", flush=True)
+        return
+    print(f"training done: {step} steps in {train_seconds:.0f}s", flush=True)
+
+    # ---- evaluation, scaling factor, export ----
+    t_eval = time.time()
+    ev = evaluate(vae, x_all, args)
+    vae_dir = export(vae, out, ev, args.seed)
+    stats = vae_stats(args, ev, n_params, boc, step, train_seconds, len(x_all), t_eval, t_start)
     atomic_write_text(json.dumps(stats, indent=2) + "\n", out / "vae_stats.json")
     print(json.dumps(stats, indent=2), flush=True)
     print(f"saved {vae_dir} and {out / 'vae_stats.json'}", flush=True)
