@@ -19,6 +19,7 @@ Rows (targets from issue 13):
   style-lora     LoRA on 16 Twemoji emoji; 32 other emoji closer to their Twemoji image than to
                  any of their five base-style images (>= 0.80)
   dreambooth     class-prompt drift with prior / without (<= 0.33); instance as the LoRA's rate
+  dreambooth-lora  the same for `adapt dreambooth --lora`
   ti             `an emoji of <cat-toy>` nearest to a Twemoji cat (>= 0.50)
 """
 
@@ -203,22 +204,25 @@ def bench_style_lora(b: Bench) -> None:
           "16 train / 32 held-out emoji")
 
 
-def bench_dreambooth(b: Bench, lora_rate: float | None) -> None:
-    class_prompt = "an emoji of cat face"
+def bench_dreambooth(b: Bench, lora_rate: float | None, lora: bool = False) -> None:
+    """DreamBooth on examples/cat with prior preservation and without: the class prompt's drift from the base's
+    images, and the instance prompt's Twemoji rate; `lora`: its LoRA variant (`adapt dreambooth --lora`)."""
+    class_prompt, name = "an emoji of cat face", "dreambooth-lora" if lora else "dreambooth"
     base = b.render([class_prompt] * len(SEEDS), SEEDS)
     drift = {}
     for prior in (True, False):
-        out = b.work / f"db-{prior}"
-        b.adapt("dreambooth", "--images", str(ROOT / "examples" / "cat"), "--token", "sks", "--class-word", "cat face",
-                "--class-prompt", class_prompt, "--num-class-images", "16", "--output", str(out),
+        out = b.work / f"{name}-{prior}"
+        b.adapt("dreambooth", *(["--lora"] if lora else []), "--images", str(ROOT / "examples" / "cat"), "--token", "sks",
+                "--class-word", "cat face", "--class-prompt", class_prompt, "--num-class-images", "16", "--output", str(out),
                 "--prior-preservation" if prior else "--no-prior-preservation")
-        drift[prior] = float(np.linalg.norm(b.render([class_prompt] * len(SEEDS), SEEDS, model=out) - base, axis=1).mean())
+        trained = {"loras": [(str(out / "pytorch_lora_weights.safetensors"), 1.0)]} if lora else {"model": out}
+        drift[prior] = float(np.linalg.norm(b.render([class_prompt] * len(SEEDS), SEEDS, **trained) - base, axis=1).mean())
         if prior:
-            rate = twemoji_cat_rate(b, b.render(["an emoji of sks cat face"] * len(SEEDS), SEEDS, model=out))
-            b.picture.append(("DreamBooth: an emoji of sks cat face", b.images))
-    b.row("dreambooth: class drift prior/none", f"{drift[True] / drift[False]:.3f}", "<= 0.33",
+            rate = twemoji_cat_rate(b, b.render(["an emoji of sks cat face"] * len(SEEDS), SEEDS, **trained))
+            b.picture.append((f"{'DreamBooth LoRA' if lora else 'DreamBooth'}: an emoji of sks cat face", b.images))
+    b.row(f"{name}: class drift prior/none", f"{drift[True] / drift[False]:.3f}", "<= 0.33",
           f"{drift[True]:.2f} / {drift[False]:.2f}")
-    b.row("dreambooth: 'sks cat face' -> Twemoji", f"{rate:.3f}", f">= {lora_rate:.2f}" if lora_rate is not None else "lora's")
+    b.row(f"{name}: 'sks cat face' -> Twemoji", f"{rate:.3f}", f">= {lora_rate:.2f}" if lora_rate is not None else "lora's")
 
 
 def bench_ti(b: Bench) -> None:
@@ -236,7 +240,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "emoji"))
-    p.add_argument("--only", default="base,lora,style,dreambooth,ti")
+    p.add_argument("--only", default="base,lora,style,dreambooth,dreambooth-lora,ti")
     p.add_argument("--keep", default=None, help="keep the runs in this folder")
     p.add_argument("--picture", default=None, help="write the README picture here (e.g. docs/quickstart.png)")
     a = p.parse_args()
@@ -255,6 +259,8 @@ def main() -> None:
         rate = bench_lora(b)
     if "dreambooth" in only:
         bench_dreambooth(b, rate)
+    if "dreambooth-lora" in only:
+        bench_dreambooth(b, rate, lora=True)
     if "ti" in only:
         bench_ti(b)
     if "style" in only:
