@@ -6,7 +6,7 @@ its own empty disk cache (ADAPT_CACHE_DIR), as a first run:
 * first step: the tiny test model (16 px, 2 steps); seconds from the process start until the
   first row of metrics.jsonl appears (the loop writes it after optimizer step 1), polled every 10 ms;
 * quickstart: README's `adapt lora --images examples/cat --token "<sks>"` on the bundled base
-  (its recommended 500 steps), the whole wall, and its own time to the first step.
+  (the steps its adapt.json recommends), the whole wall, and its own time to the first step.
 
 With several source trees (e.g. main before a change and after it) the runs are interleaved
 (tree A, tree B, tree A, ...) so a load that changes over time hits both; it prints every run,
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="tiny-model runs per tree (0: skip)")
     ap.add_argument("--quickstart-runs", type=int, default=1, help="quickstart runs per tree (0: skip; ~5 min each on CPU)")
     a = ap.parse_args()
-    from adapt.models import build_tiny_pipeline
+    from adapt.models import BUNDLED_MODEL, build_tiny_pipeline, model_defaults
 
     fixed = Path(tempfile.mkdtemp(prefix="adapt-startup-inputs-"))
     tiny, images = build_tiny_pipeline(fixed / "tiny"), _images(fixed / "images", 24, n=3)  # noise: content does not matter
@@ -98,7 +98,8 @@ def main() -> None:
     if a.quickstart_runs:
         quick = measure(trees, a.quickstart_runs, lambda t: ["lora", "--images", str(t / "examples" / "cat"), "--token", "<sks>"],
                         "quickstart")
-        summary('quickstart `adapt lora --images examples/cat --token "<sks>"` (bundled base, 500 steps)', quick)
+        steps = model_defaults(BUNDLED_MODEL)["lora"]["steps"]  # this checkout's; each tree runs its own adapt.json
+        summary(f'quickstart `adapt lora --images examples/cat --token "<sks>"` (bundled base, {steps} steps)', quick)
     print(f"load avg at end {os.getloadavg()[0]:.1f}")
 
 
