@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # pipeline_configs (already there when run as a script)
     sys.path.insert(0, str(HERE))
 
+from adapt.fileio import atomic_dir  # noqa: E402
 from pipeline_configs import BOS_ID, EOS_ID, SD15_SCHEDULER, VOCAB_SIZE, build_models, n_params  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO_ROOT / "adapt" / "data_files" / "clip-tokenizer"
@@ -152,24 +152,13 @@ def choose_config(args, vae_params: int, latent_size: int, budget: int):
 
 def save_pipeline(pipe, out: Path, tokenizer_folder: str) -> None:
     """``pipe.save_pretrained`` plus the original tokenizer files, into a temp sibling swapped in at
-    the end, so an interrupted run never leaves half a folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    the end (``adapt.fileio.atomic_dir``), so an interrupted run never leaves half a folder."""
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_folder) / name
             if src.exists() and not (tmp / "tokenizer" / name).exists():
                 shutil.copyfile(src, tmp / "tokenizer" / name)  # copyfile: not the read-only mode
-        for f in tmp.rglob("*"):  # save_pretrained writes weight files via mkstemp (mode 0600)
-            os.chmod(f, 0o755 if f.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_size(out: Path, max_mb: float, budget: int):

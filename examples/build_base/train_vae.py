@@ -59,9 +59,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # vae_utils (already there when run as a script)
     sys.path.insert(0, str(HERE))
 
+from adapt.fileio import atomic_path  # noqa: E402
 from adapt.images import make_grid, save_image  # noqa: E402
 from vae_utils import (  # noqa: E402
-    atomic_write_text, batch_indices, build_vae, encode_decode, load_checkpoint, load_folder, load_folders, lr_factor,
+    batch_indices, build_vae, encode_decode, load_checkpoint, load_folder, load_folders, lr_factor,
     progress, psnr, save_checkpoint, to_pil, vae_loss,
 )
 
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     ev = evaluate(vae, x_all, args)
     vae_dir = export(vae, out, ev, args.seed)
     stats = vae_stats(args, ev, n_params, boc, step, train_seconds, len(x_all), t_eval, t_start)
-    atomic_write_text(json.dumps(stats, indent=2) + "\n", out / "vae_stats.json")
+    with atomic_path(out / "vae_stats.json") as tmp:
+        tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(stats, indent=2), flush=True)
     print(f"saved {vae_dir} and {out / 'vae_stats.json'}", flush=True)
 

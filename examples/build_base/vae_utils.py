@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adapt.fileio import atomic_path
 from adapt.images import load_rgb
 
 
@@ -89,38 +89,13 @@ def load_paths(paths: list[Path], size: int = 64) -> torch.Tensor:
     return x.contiguous()
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(ckpt_path: Path, vae, opt, step: int, train_seconds: float, args) -> None:
-    atomic_torch_save({
-        "model": vae.state_dict(), "optimizer": opt.state_dict(),
-        "torch_rng": torch.get_rng_state(), "step": step,
-        "train_seconds": train_seconds, "args": vars(args),
-    }, ckpt_path)
+    with atomic_path(ckpt_path) as tmp:
+        torch.save({
+            "model": vae.state_dict(), "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(), "step": step,
+            "train_seconds": train_seconds, "args": vars(args),
+        }, tmp)
 
 
 def load_checkpoint(ckpt_path: Path, vae, opt, args) -> tuple[int, float]:
