@@ -49,14 +49,14 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
     configs = {s: build(s, recipe, flags, sources=sources[s]) for s in spec.sections if s != "train"}
     spec = spec.resolve(configs)
     model = options.get("model")
-    # DreamBooth --lora takes adapt.json's "dreambooth-lora": a LoRA wants other rates than the full UNet
-    suggested = _model_suggestions(model, spec.model_section or command)
+    section = spec.model_section or command  # DreamBooth --lora: "dreambooth-lora", a LoRA wants other rates
+    suggested = _model_suggestions(model, section)
     if suggested:  # any section's option (the bundled base's DreamBooth prior-loss weight), below recipe and flags
         configs = {s: build(s, recipe, flags, {"model": suggested}, sources=sources[s]) for s in configs}
     train = build("train", recipe, flags, {"method": spec.train_defaults, "model": suggested}, sources=sources["train"])
     if suggested:
         log.info("the model suggests %s for %s (its adapt.json); flags and recipes override",
-                 ", ".join(f"{k}={v}" for k, v in suggested.items()), spec.model_section or command)
+                 ", ".join(f"{k}={v}" for k, v in suggested.items()), section)
     configs["train"] = _optimizer_lr(train, recipe, flags, sources["train"])
     prompt_given = flags.get("prompt") is not None or "prompt" in (recipe or {}).get("data", {})
     template = spec.load().settle(configs, prompt_given)

@@ -34,6 +34,7 @@ PHRASES = model_defaults(BUNDLED_MODEL).get("styles", {})
 KNOWN = {json.loads(line)["file"] for line in (BUNDLED_MODEL / "training_set.jsonl").read_text().splitlines()}
 META = [m for m in map(json.loads, (EMOJI / "metadata.jsonl").read_text().splitlines()) if m["file"] in KNOWN]  # emoji the base knows
 CATS = [m for m in META if "cat" in m["name"].split()]
+CLASS_PROMPT = "an emoji of cat face"  # DreamBooth's class
 pytestmark = pytest.mark.slow
 # Issue 13's targets that the current base (4,800 + 4,000 training steps; see README) does not reach yet:
 # kept as strict xfails, so they report the day a better base meets them.
@@ -134,20 +135,25 @@ def test_short_lora_moves_images_toward_twemoji_cats(tmp_path):
     assert _twemoji_cat_rate(lora) >= _twemoji_cat_rate(base) + 0.4, (_twemoji_cat_rate(base), _twemoji_cat_rate(lora))
 
 
-def test_dreambooth_prior_preservation_keeps_the_class_and_learns_the_instance(tmp_path):
+def _class_examples(tmp_path, weight):
+    """8 class images of CLASS_PROMPT from the bundled base, as DreamBooth's prior examples at `weight`."""
     from adapt.classimages import ensure_class_images
 
-    class_prompt = "an emoji of cat face"
-    _, class_files = ensure_class_images(None, class_prompt, 8, 64, steps=25, cache_root=tmp_path / "cls", progress=False)
+    _, files = ensure_class_images(None, CLASS_PROMPT, 8, 64, steps=25, cache_root=tmp_path / "cls", progress=False)
+    return [Example(f, CLASS_PROMPT, weight, 1) for f in files]
+
+
+def test_dreambooth_prior_preservation_keeps_the_class_and_learns_the_instance(tmp_path):
     instance = instance_examples(CAT, "sks", "x")
     rec = model_defaults(BUNDLED_MODEL)["dreambooth"]
-    base = _render([class_prompt] * 8, SEEDS)
+    prior_examples = _class_examples(tmp_path, rec.get("prior_loss_weight", 1.0))
+    base = _render([CLASS_PROMPT] * 8, SEEDS)
     drift = {}
     for prior in (True, False):
-        ex = instance + ([Example(f, class_prompt, rec.get("prior_loss_weight", 1.0), 1) for f in class_files] if prior else [])
+        ex = instance + (prior_examples if prior else [])
         train(load_components(None), FullMethod(), ex, TrainConfig(steps=rec["steps"], lr=rec["lr"]), tmp_path / str(prior),
               resolution=64, progress=False)
-        drift[prior] = float(np.linalg.norm(_render([class_prompt] * 8, SEEDS, tmp_path / str(prior)) - base, axis=1).mean())
+        drift[prior] = float(np.linalg.norm(_render([CLASS_PROMPT] * 8, SEEDS, tmp_path / str(prior)) - base, axis=1).mean())
     # same steps and seed: the prior keeps the class closer to the base (benchmarks/learning.py: 5.67 vs 7.42; issue 13
     # asks for <= 1/3, not reached on this base)
     assert drift[True] < 0.95 * drift[False], drift
@@ -156,12 +162,8 @@ def test_dreambooth_prior_preservation_keeps_the_class_and_learns_the_instance(t
 def test_dreambooth_lora_at_the_models_settings_learns_the_instance(tmp_path):
     """`adapt dreambooth --lora` takes adapt.json's "dreambooth-lora" section. At the settings it took before (the
     generic 1e-4 x 500, prior weight 1.0) this run drew no Twemoji cat (0.000); at the section's it drew 0.375."""
-    from adapt.classimages import ensure_class_images
-
-    class_prompt, prompt = "an emoji of cat face", ["an emoji of sks cat face"] * 16
-    _, class_files = ensure_class_images(None, class_prompt, 8, 64, steps=25, cache_root=tmp_path / "cls", progress=False)
-    rec = model_defaults(BUNDLED_MODEL)["dreambooth-lora"]
-    ex = instance_examples(CAT, "sks", "x") + [Example(f, class_prompt, rec["prior_loss_weight"], 1) for f in class_files]
+    prompt, rec = ["an emoji of sks cat face"] * 16, model_defaults(BUNDLED_MODEL)["dreambooth-lora"]
+    ex = instance_examples(CAT, "sks", "x") + _class_examples(tmp_path, rec["prior_loss_weight"])
     train(load_components(None), LoraMethod(LoraConfig()), ex, TrainConfig(steps=rec["steps"], lr=rec["lr"]), tmp_path,
           resolution=64, progress=False)
     base = _twemoji_cat_rate(_render(prompt, list(range(16))))

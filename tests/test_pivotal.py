@@ -245,8 +245,8 @@ def test_sdxl_bundles_clip_l_and_clip_g(concept_dir, tmp_path):
 # at 5e-3, 16 seeds, DPM++ 2M Karras, 25 steps, guidance 3; eval's distance (adapt/metrics.py distance_to_set: mean L2
 # in its 16x16 feature space to the nearest examples/cat image; lower = closer); benchmarks/pivotal_sweep.py's
 # `distance`. Measured at training seed 0: LoRA 7.149, TI 7.917, pivotal 7.423. Over seeds 0-3 (README): pivotal
-# beats TI at every seed, by 0.49-1.33; against LoRA alone it is even over seeds 0-7 (closer at 5 of 8, mean 6.87 vs
-# 6.95, and seeds 4-7 alone reverse that). A faster-learnt embedding fits the cats better and renders closer without
+# beats TI at every seed, by 0.49-1.33; against LoRA alone it is even over seeds 0-23 (closer at 13 of 24, LoRA alone
+# minus pivotal 0.080 +- 0.084). A faster-learnt embedding fits the cats better and renders closer without
 # guidance, but guidance 3 multiplies its change, which only the conditional prediction sees (README, "Pivotal tuning").
 
 
