@@ -56,7 +56,7 @@ def distance(name: str, steps: int, seed: int = 0, grid: Path | None = None, pro
     """Train run `name` for `steps` steps (training --seed `seed`) on examples/cat, render 16 seeds of `prompt`, return eval's
     distance to the cats (adapt/metrics.py distance_to_set; lower = closer) at `guidance` (None: the model's); `grid`: also
     save the 16 images there, side by side, to look at.
-    tests/test_pivotal.py's quality tests call this too."""
+    tests/test_pivotal_quality.py calls this too."""
     from adapt.data import instance_examples
     from adapt.images import make_grid
     from adapt.infer import generate, load_pipeline
