@@ -31,11 +31,18 @@ def make_schedule(cfg: TrainConfig, method, components, params: list, n_proc: in
         optimizer = StepInBackward(plain, lambda one: make_optimizer(cfg, one), cfg.max_grad_norm)
     else:
         optimizer = make_optimizer(cfg, plain)
-    schedule_free = cfg.optimizer == "schedule-free-adamw"  # its own warm-up, then a constant lr (make_optimizer)
-    lr_scheduler = get_scheduler("constant" if schedule_free else cfg.lr_scheduler, optimizer,
-                                 num_warmup_steps=cfg.warmup_steps * n_proc, num_training_steps=cfg.steps * n_proc)
+    lr_scheduler = get_scheduler(schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
+                                 num_training_steps=cfg.steps * n_proc)
     stop_groups(lr_scheduler, [g.get("steps") for g in groups], n_proc)
     return optimizer, lr_scheduler
+
+
+def schedule_name(cfg: TrainConfig) -> str:
+    """diffusers' schedule for the run. Its "constant" ignores a warm-up, so --warmup-steps with it takes
+    "constant_with_warmup" (the same lr once warm); schedule-free-adamw warms up itself, then holds its lr."""
+    if cfg.optimizer == "schedule-free-adamw":
+        return "constant"
+    return "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.warmup_steps else cfg.lr_scheduler
 
 
 def stop_groups(lr_scheduler, steps: list[int | None], n_proc: int) -> None:

@@ -33,7 +33,7 @@ class TrainConfig:
     grad_accum: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
     lr: float = option(1e-4, "Learning rate.")
     lr_scheduler: str = option("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
-    warmup_steps: int = option(0, "Linear warm-up steps of the learning-rate schedule.")
+    warmup_steps: int = option(0, "Linear warm-up steps of the learning-rate schedule (also with --lr-scheduler constant).")
     optimizer: str = option("adamw", "adamw (torch); adamw8bit (bitsandbytes: ~75% less optimizer memory, needs a GPU build); "
                         "prodigy (prodigyopt: estimates its own step size, --lr multiplies it and defaults to 1); "
                         "schedule-free-adamw (schedulefree: no LR schedule, --warmup-steps is its own warm-up; "

@@ -249,4 +249,17 @@ def test_optimizer_trains_and_resumes_exactly(optimizer, package, lr, tiny_model
     b = load_file(str(tmp_path / "b" / LORA))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in rows] == [lr] * 6  # schedule-free warms up inside the optimizer
+    # schedule-free warms up inside the optimizer; Prodigy's --lr (its step-size multiplier) warms up over 2 steps
+    assert [r["lr"] for r in rows] == ([lr] * 6 if optimizer == "schedule-free-adamw" else [lr / 2] + [lr] * 5)
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear"])
+def test_warmup_steps_warm_up_every_schedule_also_constant(tiny_model, concept_dir, tmp_path, scheduler):
+    """diffusers' "constant" schedule drops num_warmup_steps: --warmup-steps used to do nothing under the default
+    --lr-scheduler. Now the lr of the logged steps rises over the warm-up, then holds (constant) or decays (linear)."""
+    cfg = TrainConfig(steps=6, lr=1e-3, lr_scheduler=scheduler, warmup_steps=3)
+    train(load_components(tiny_model), LoraMethod(LoraConfig()), instance_examples(concept_dir, "<sks>", "a photo of {token}"),
+          cfg, tmp_path, resolution=16, progress=False)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # the lr after each step
+    assert lrs[3:] == pytest.approx([1e-3] * 3) if scheduler == "constant" else lrs[3] < 1e-3
