@@ -37,10 +37,10 @@ import safetensors.torch  # save_file looked up at call time (tests patch it)
 import torch
 
 from .errors import AdaptError
-from .fileio import atomic_dir
+from .fileio import CHECKPOINT_PREFIX, atomic_dir
 
 log = logging.getLogger("adapt")
-PREFIX = "step-"
+PREFIX = CHECKPOINT_PREFIX
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "loop.json")
 EMA_FILE = "ema.safetensors"  # only in the checkpoints of runs with --ema-decay

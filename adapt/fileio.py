@@ -5,7 +5,7 @@ folders under umask 022), whatever the writer did to the temporary name: mkstemp
 files, and safetensors replaces the file it writes with one of its own, 0600 too.
 
 Also the one reader of weight files users hand us (`read_safetensors`) and the name of the recipe
-file every run output carries (`RECIPE_FILE`). Nothing heavy at import.
+file every run output carries (`RECIPE_FILE`), and where its checkpoints go. Nothing heavy at import.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from .errors import AdaptError
 from .untrusted import check_safetensors
 
 RECIPE_FILE = "recipe.json"  # the settings that made a run's output, beside it
+CHECKPOINTS_DIR, CHECKPOINT_PREFIX = "checkpoints", "step-"  # a run's checkpoints: OUTPUT/checkpoints/step-000100/
+
+
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether a run folder holds a checkpoint (checkpoint.py writes them; this test stays light)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    return root.is_dir() and any((p / "loop.json").is_file() for p in root.glob(CHECKPOINT_PREFIX + "*"))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AdaptError
+from .fileio import RECIPE_FILE, has_checkpoints
 
 log = logging.getLogger("adapt")
 LOCK_FILE = ".adapt.lock"
@@ -121,16 +122,64 @@ def remove_partial_files(folder: str | os.PathLike) -> int:
     return removed
 
 
+ASIDE = ".previous-run"  # --overwrite: the replaced run's files, until the run replacing them has finished
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing(folder: Path, keep: frozenset[str] | None):
+    """A run in `folder`, and with --overwrite (`keep`: the entries this run reads) the run it replaces: the old
+    run's files move into FOLDER/.previous-run while the new one trains. They are deleted once a run there has written
+    its recipe (finished), moved back if it ended without one and without a checkpoint, and kept beside its
+    checkpoints otherwise, so --resume can finish it. So two runs' files never mix, and a finished run is only
+    deleted when another has finished in its place."""
+    aside = folder / ASIDE
+    if keep is not None:
+        fresh = not aside.exists()  # else it holds the last finished run, and the folder an abandoned replacement
+        aside.mkdir(exist_ok=True)
+        for entry in _entries(folder, keep):
+            if fresh:
+                entry.rename(aside / entry.name)
+            else:
+                _remove(entry)
+    try:
+        yield
+    finally:
+        if not aside.exists():
+            pass
+        elif (folder / RECIPE_FILE).exists():
+            _remove(aside)
+        elif not has_checkpoints(folder):
+            for entry in _entries(folder, keep or frozenset()):
+                _remove(entry)  # the failed run's few files: the old run comes back whole
+            for entry in aside.iterdir():
+                entry.rename(folder / entry.name)
+            aside.rmdir()
+        else:
+            log.warning("the run this one replaces is kept in %s until a run there finishes (--resume latest)", aside)
+
+
+def _entries(folder: Path, keep: frozenset[str]) -> list[Path]:
+    return [e for e in folder.iterdir() if e.name not in (LOCK_FILE, ASIDE, *keep)]
+
+
 def held_elsewhere(folder: Path) -> bool:
     """True in a worker of `adapt --num-processes N`: its launcher holds the run folder's lock."""
     return os.environ.get("ADAPT_RUN_LOCK") == str(Path(folder).resolve())
 
 
 @contextmanager
-def run_folder(out: Path):
+def run_folder(out: Path, replace: frozenset[str] | None = None):
     """Hold the run folder `out` for this run (refused at once if a live run holds it) and clear
-    what an interrupted run's atomic writes left there. Workers of a multi-process run leave it to
-    the process that launched them (or, under an outside launcher, to rank 0)."""
+    what an interrupted run's atomic writes left there; `replace` (--overwrite of a run): the entries
+    this run keeps (`replacing`). Workers of a multi-process run leave it to the process
+    that launched them (or, under an outside launcher, to rank 0)."""
     if held_elsewhere(out) or int(os.environ.get("RANK", "0") or 0) != 0:
         yield
         return
@@ -139,7 +188,8 @@ def run_folder(out: Path):
         remove_partial_files(out)
         os.environ["ADAPT_RUN_LOCK"] = str(Path(out).resolve())  # for the workers of --num-processes
         try:
-            yield
+            with replacing(Path(out), replace):
+                yield
         finally:
             if before is None:
                 os.environ.pop("ADAPT_RUN_LOCK", None)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .checks import default_output
 from .errors import AdaptError
-from .fileio import RECIPE_FILE
+from .fileio import RECIPE_FILE, has_checkpoints
 from .locks import run_folder
 from .logs import RUN_DEFERRABLE, defer_for_this_run
 from .methods import METHODS, MethodSpec
@@ -37,6 +37,7 @@ class Plan:
     model: str | None              # as given (None: the bundled model)
     output: Path
     sources: dict[str, dict[str, str]]  # {section: {field: "default" | "method" | "model" | "recipe" | "flag"}}
+    replace: frozenset[str] | None = None  # --overwrite of a run: clear output but these entries (its inputs)
 
 
 def make_plan(command: str, options: dict[str, Any]) -> Plan:
@@ -70,8 +71,12 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
             config.check()
     if train_cfg.resume and options.get("output") is None:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
-    output = _output_dir(options.get("output"), command, options.get("overwrite", False))
-    return Plan(command, spec, configs, data.prompt if template is None else template, model, output, sources)
+    overwrite, resume = bool(options.get("overwrite")), bool(train_cfg.resume)
+    output = _output_dir(options.get("output"), command, overwrite, resume)
+    inputs = _inputs_inside(output, options)
+    holds_run = (output / RECIPE_FILE).exists() or has_checkpoints(output)
+    replace = inputs if overwrite and not resume and holds_run else None  # a resumed run keeps its checkpoints
+    return Plan(command, spec, configs, data.prompt if template is None else template, model, output, sources, replace)
 
 
 def _optimizer_lr(train, recipe: dict | None, flags: dict, sources: dict[str, str]):
@@ -89,13 +94,29 @@ def _model_suggestions(model: str | None, command: str) -> dict:
     return model_defaults(resolve_model(model)).get(command, {})
 
 
-def _output_dir(output: Path | None, command: str, overwrite: bool) -> Path:
+def _output_dir(output: Path | None, command: str, overwrite: bool, resume: bool) -> Path:
     out = output or default_output(command)
     if out.exists() and not out.is_dir():
         raise AdaptError(f"--output {out} is a file; pass a folder for the run")
     if (out / RECIPE_FILE).exists() and not overwrite:
-        raise AdaptError(f"{out} already holds a finished run; pass another --output or --overwrite to replace it")
+        raise AdaptError(f"{out} holds a finished run; to train it on from its last checkpoint pass --overwrite too "
+                         "(its files are replaced when it ends), or pass another --output" if resume else
+                         f"{out} already holds a finished run; pass another --output or --overwrite to replace it")
+    if has_checkpoints(out) and not (overwrite or resume):
+        raise AdaptError(f"{out} holds the checkpoints of an unfinished run; pass --resume latest to continue it, "
+                         "--overwrite to start again there, or another --output")
     return out
+
+
+def _inputs_inside(out: Path, options: dict[str, Any]) -> frozenset[str]:
+    """The entries of `out` that hold a file or folder this run reads (--images DIR inside --output, a --recipe):
+    --overwrite keeps them. An input that is `out` itself is refused (the run's files would join the images)."""
+    root = out.resolve()
+    paths = [Path(v).resolve() for k, v in options.items() if k != "output" and isinstance(v, (str, Path)) and v
+             and Path(v).exists()]
+    if root in paths:
+        raise AdaptError(f"--output {out} is also an input of this run; pass another --output")
+    return frozenset(p.relative_to(root).parts[0] for p in paths if p.is_relative_to(root))
 
 
 def unused_packages(plan: Plan) -> list[str]:
@@ -114,6 +135,6 @@ def run_plan(plan: Plan) -> None:
     defer_for_this_run(unused_packages(plan))  # before the stack loads: it decides then what is installed
     from .launch import run  # lazy: launch loads torch; everything above runs before it
 
-    with run_folder(plan.output):
+    with run_folder(plan.output, plan.replace):
         run(plan)
 

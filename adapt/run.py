@@ -20,6 +20,7 @@ from .diskcache import DiskCache, cache_root
 from .ema import make_ema
 from .encode import LatentCache, TextCache, release, size_conditions
 from .errors import AdaptError
+from .fileio import CHECKPOINTS_DIR
 from .masks import latent_masks
 from .optim import make_schedule, unwrapped
 from .precision import choose_for, recasts
@@ -64,7 +65,7 @@ class Run:
 
     @property
     def ckpt_root(self) -> Path:
-        return self.out_dir / "checkpoints"
+        return self.out_dir / CHECKPOINTS_DIR
 
     @property
     def metrics_path(self) -> Path:

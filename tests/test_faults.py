@@ -110,8 +110,10 @@ def test_a_live_run_holds_its_folder_and_a_killed_runs_lock_is_taken_over(tiny_m
         raise AssertionError("the refused run loaded a model")
 
     monkeypatch.setattr(adapt.launch, "load_components", never)
-    result = CliRunner().invoke(app, lora_args(concept_dir, tiny_model, out, "--steps", "100000")[1:])
+    result = CliRunner().invoke(app, lora_args(concept_dir, tiny_model, out, "--steps", "100000", "--resume", "latest")[1:])
     assert result.exit_code == 2 and f"is in use by PID {holder.pid}, a training run" in result.output
+    result = CliRunner().invoke(app, lora_args(concept_dir, tiny_model, out, "--steps", "100000")[1:])
+    assert result.exit_code == 2 and "holds the checkpoints of an unfinished run; pass --resume latest" in result.output
     monkeypatch.undo()
 
     holder.kill()

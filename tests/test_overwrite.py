@@ -1,0 +1,92 @@
+"""--overwrite replaces a run folder whole: no file of the old run is left beside the new one's (a kohya file of
+another --format, checkpoints a later --resume would take), a failed replacement gives the old run back, and a
+finished run goes only once another has finished in its place. A folder with an unfinished run's checkpoints
+is refused without --resume or --overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import adapt.train
+from conftest import run
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture
+def common(tiny_model, concept_dir, tmp_path):
+    return ["lora", "--images", concept_dir, "--token", "<sks>", "--model", tiny_model, "--output", tmp_path / "run"]
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_overwrite_leaves_nothing_of_the_old_run(common, tmp_path):
+    out = tmp_path / "run"
+    assert run(*common, "--steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "2")[0] == 0
+    assert (out / "run.safetensors").is_file() and (out / "checkpoints" / "step-000002").is_dir()
+    code, log = run(*common, "--steps", "2", "--format", "diffusers", "--overwrite")
+    assert code == 0, log
+    assert not (out / "run.safetensors").exists()  # the old kohya file, which ComfyUI would still load
+    assert not (out / "checkpoints").exists()  # the old run's, which --resume latest would take
+    assert json.loads((out / "recipe.json").read_text())["train"]["steps"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (out / ".previous-run").exists()
+
+
+def test_a_failed_overwrite_gives_the_old_run_back(common, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert run(*common, "--steps", "2")[0] == 0
+    before = {f: (out / f).read_bytes() for f in _files(out)}
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(adapt.train, "diffusion_loss", broken)
+    code, _ = run(*common, "--steps", "3", "--overwrite")
+    assert code != 0
+    assert {f: (out / f).read_bytes() for f in _files(out)} == before  # every file as it was, nothing more
+
+
+def test_an_interrupted_overwrite_keeps_the_old_run_until_the_new_one_finishes(common, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert run(*common, "--steps", "2")[0] == 0
+    old = (out / LORA).read_bytes()
+    real, calls = adapt.train.diffusion_loss, {"n": 0}
+
+    def fails_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(adapt.train, "diffusion_loss", fails_at_step_3)
+    more = ["--steps", "4", "--checkpoint-every", "2"]
+    assert run(*common, *more, "--overwrite")[0] != 0
+    assert (out / ".previous-run" / LORA).read_bytes() == old and not (out / LORA).exists()
+    code, log = run(*common, *more)  # neither continued nor replaced: refused, the checkpoints kept
+    assert code == 2 and "holds the checkpoints of an unfinished run; pass --resume latest" in log
+    monkeypatch.setattr(adapt.train, "diffusion_loss", real)
+    code, log = run(*common, *more, "--resume", "latest")
+    assert code == 0, log
+    assert (out / LORA).is_file() and not (out / ".previous-run").exists()
+
+
+def test_overwrite_keeps_the_runs_own_inputs_and_refuses_an_output_that_is_one(tiny_model, concept_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(concept_dir, out / "images")
+    args = ["lora", "--images", out / "images", "--token", "<sks>", "--model", tiny_model, "--output", out, "--steps", "1"]
+    assert run(*args)[0] == 0
+    code, log = run(*args, "--overwrite")
+    assert code == 0, log
+    assert _files(out / "images") == _files(concept_dir)
+    for overwrite in ([], ["--overwrite"]):
+        code, log = run("lora", "--images", out / "images", "--token", "<sks>", "--model", tiny_model, "--output",
+                        out / "images", "--steps", "1", *overwrite)
+        assert code == 2 and "is also an input of this run; pass another --output" in log
+        assert _files(out / "images") == _files(concept_dir)
