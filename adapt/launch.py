@@ -16,6 +16,7 @@ from . import __version__
 from .classimages import ensure_class_images
 from .data import Example, check_images, dataset_examples, instance_examples
 from .errors import AdaptError
+from .infer import default_guidance
 from .models import load_components, native_resolution, resolve_model
 from .precision import choose_for_model
 from .recipe import describe, to_dict
@@ -72,7 +73,7 @@ def run(plan) -> None:
 
 def class_examples(model, data, db, resolution: int, mixed_precision: str, device) -> list[Example]:
     """Prior preservation as data: class images are examples of group 1 weighted by lambda. They
-    render in the run's precision; without one, in the inference module's default (fp16 on a GPU,
+    render at the model's guidance (its adapt.json, as `adapt generate` renders) in the run's precision; without one, in the inference module's default (fp16 on a GPU,
     as diffusers' train_dreambooth.py's prior_generation_precision; fp32 on CPU)."""
     if not (db.class_prompt or data.class_word):
         raise AdaptError("prior preservation needs --class-word (e.g. 'cat') or --class-prompt; "
@@ -80,7 +81,7 @@ def class_examples(model, data, db, resolution: int, mixed_precision: str, devic
     check_precision(mixed_precision, device)  # before the class images, not after minutes of rendering
     class_prompt = db.class_prompt or f"a photo of {data.class_word}"
     _, files = ensure_class_images(model, class_prompt, db.num_class_images, resolution, scheduler=db.class_scheduler,
-                                   steps=db.class_steps, folder=db.class_images,
+                                   steps=db.class_steps, guidance=default_guidance(model), folder=db.class_images,
                                    dtype=None if mixed_precision == "no" else DTYPES[mixed_precision])
     return [Example(p, class_prompt, weight=db.prior_loss_weight, group=1) for p in files]
 

@@ -52,7 +52,7 @@ def tracker_scalars(recipe: dict, prefix: str = "") -> dict:
 
 def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, accelerator) -> None:
     """Render the validation prompts with the model as it is now, through the inference module
-    (fixed seeds, dpm++2m-karras), as one grid, in the run's precision: the frozen weights are in
+    (fixed seeds, dpm++2m-karras, the model's guidance), as one grid, in the run's precision: the frozen weights are in
     it already, the trained ones fp32 under the accelerator's autocast; the VAE decodes in its own
     fp32 (infer.decode_in_own_dtype)."""
     if c.vae is None or c.text_encoder is None:
@@ -69,7 +69,8 @@ def render_validation(c, method, trained_modules, cfg: TrainConfig, path: Path, 
     try:
         with torch.no_grad(), accelerator.autocast():
             prompts = [method.prompt(p) for p in cfg.validation_prompt]
-            images = infer.generate(pipe, prompts, [cfg.seed] * len(prompts), steps=cfg.validation_steps)
+            images = infer.generate(pipe, prompts, [cfg.seed] * len(prompts), steps=cfg.validation_steps,
+                                    guidance=infer.default_guidance(str(c.source)))
     finally:
         for m in trained_modules:
             m.train()

@@ -146,3 +146,27 @@ def test_prior_preservation_needs_a_class(tiny_model, concept_dir, tmp_path):
     code, log = run("dreambooth", "--images", concept_dir, "--token", "sks", "--class-word", "disc",
                     "--class-scheduler", "nope", "--model", tiny_model)
     assert code == 2 and "unknown scheduler 'nope'" in log
+
+
+def test_class_and_validation_images_render_at_the_models_guidance(tiny_model, concept_dir, tmp_path, monkeypatch):
+    """The model's adapt.json guidance (the bundled base's 3) is how it samples: class images (the prior the run keeps)
+    and validation images render at it, as `adapt generate` does; both used the pipeline default 7.5 before."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "adapt.json").write_text(json.dumps({"guidance": 2.0}))
+    seen, real = [], adapt.infer.generate
+
+    def spy(pipe, prompts, seeds, **kw):
+        seen.append(kw.get("guidance"))
+        return real(pipe, prompts, seeds, **kw)
+
+    monkeypatch.setattr(adapt.infer, "generate", spy)
+    code, log = run("dreambooth", "--lora", "--images", concept_dir, "--token", "sks", "--class-prompt", "a photo of a disc",
+                    "--model", model, "--num-class-images", "2", "--class-steps", "2", "--class-images", tmp_path / "cls",
+                    "--steps", "2", "--validation-prompt", "a photo of sks", "--validation-steps", "2",
+                    "--output", tmp_path / "run")
+    assert code == 0, log
+    assert json.loads((tmp_path / "cls" / MANIFEST).read_text())["guidance"] == 2.0
+    assert len(seen) >= 2 and set(seen) == {2.0}  # the class images' batch and the validation grid

@@ -139,7 +139,8 @@ def _class_examples(tmp_path, weight):
     """8 class images of CLASS_PROMPT from the bundled base, as DreamBooth's prior examples at `weight`."""
     from adapt.classimages import ensure_class_images
 
-    _, files = ensure_class_images(None, CLASS_PROMPT, 8, 64, steps=25, cache_root=tmp_path / "cls", progress=False)
+    _, files = ensure_class_images(None, CLASS_PROMPT, 8, 64, steps=25, guidance=GUIDANCE, cache_root=tmp_path / "cls",
+                                   progress=False)
     return [Example(f, CLASS_PROMPT, weight, 1) for f in files]
 
 
