@@ -82,11 +82,31 @@ def check_merge_args(loras: list, output, into_model, rank, overwrite: bool) -> 
         raise AdaptError("nothing to merge; pass --lora FILE[:WEIGHT] (repeatable)")
     if (output is None) == (into_model is None):
         raise AdaptError("pass exactly one of --output FILE (a LoRA file) or --into-model DIR (a model folder)")
-    target = output or into_model
-    if target.exists() and not overwrite:
-        raise AdaptError(f"{target} already exists; pass another path or --overwrite to replace it")
+    if output is not None:
+        check_lora_file_output(output, overwrite)
+    else:
+        check_output_folder(into_model, None, overwrite, "--into-model")
     if into_model is not None and rank is not None:
         raise AdaptError("--rank applies to --output (a LoRA file), not to --into-model")
+
+
+def check_lora_file_output(output: Path, overwrite: bool) -> None:
+    """convert / merge --output: one .safetensors file, not over an existing one without --overwrite."""
+    if output.suffix != ".safetensors" or output.is_dir():
+        raise AdaptError(f"--output {output}: name the .safetensors file to write, e.g. {output.with_suffix('.safetensors').name}")
+    if output.exists() and not overwrite:
+        raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
+
+
+def check_output_folder(output: Path, marker: str | None, overwrite: bool, flag: str = "--output") -> None:
+    """A folder a command writes: not a file; one that holds `marker` (the file an earlier run of the command left;
+    None: anything) is replaced only with --overwrite."""
+    if output.exists() and not output.is_dir():
+        raise AdaptError(f"{flag} {output} is a file; pass a folder")
+    taken = (output / marker).exists() if marker else output.is_dir() and any(output.iterdir())
+    if taken and not overwrite:
+        what = f"already holds an earlier run's {marker}" if marker else "already exists"
+        raise AdaptError(f"{output} {what}; pass another {flag} or --overwrite to replace it")
 
 
 def check_rank_energy(rank: int | None, energy: float | None, need_one: bool = True) -> None:

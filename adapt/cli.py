@@ -20,12 +20,12 @@ from typing import Annotated, List, Optional
 import typer
 import typer.core
 
-from .checks import check_eval_args, check_sampling, default_output, embedding_specs, lora_specs
+from .checks import check_eval_args, check_output_folder, check_sampling, default_output, embedding_specs, lora_specs
 from .errors import AdaptError
 from .logs import defer_optional_imports, mark_own_process, quiet_libraries
 from .methods import METHODS
 from .lora_commands import LORA_COMMANDS
-from .options import AllowPickle, Lenient, Lora, Model, Overwrite, training_parameters
+from .options import AllowPickle, Lenient, Lora, Model, Overwrite, Replace, training_parameters
 from .plan import make_plan, run_plan
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .signals import interrupt_on_sigterm
@@ -88,14 +88,31 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 
 Output = Annotated[Optional[Path], typer.Option(help="Run folder. Default: outputs/<method>-<timestamp>.")]
-Recipe = Annotated[Optional[Path], typer.Option(help="TOML recipe: [data] [lora] [dreambooth] [train] sections of option defaults; flags override it.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved settings (and where each came from), the data, steps and epochs, "
                                            "and an estimate of peak memory and time per step; train nothing.")]
 
 
 # --- the training commands: options generated from the config fields their method reads ---------
-RUN_OPTIONS = {"model": (Model, None), "output": (Output, None), "recipe": (Recipe, None), "overwrite": (Overwrite, False),
+RUN_OPTIONS = {"model": (Model, None), "output": (Output, None), "recipe": None, "overwrite": (Overwrite, False),  # recipe: per method
                "dry_run": (DryRun, False)}
+
+
+def _recipe_option(sections: tuple[str, ...]):
+    names = " ".join(f"[{s}]" for s in ("data", *(s for s in sections if s not in ("data", "train")), "train"))
+    return Annotated[Optional[Path], typer.Option(help=f"TOML recipe: {names} sections of option defaults; flags override it.")]
+
+
+def _model_note(name: str) -> str:
+    """What the bundled base's adapt.json suggests for command `name` (and its -lora variant), for its --help."""
+    from .models import BUNDLED_MODEL, model_defaults
+
+    found = model_defaults(BUNDLED_MODEL)
+    said = [f"{'with --lora: ' if section.endswith('-lora') else ''}"
+            + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in found[section].items())
+            for section in (name, f"{name}-lora") if found.get(section)]
+    return ("\n\nThe defaults below are adapt's. A model's adapt.json suggests its own, which a run takes instead "
+            f"(flags and --recipe override both): the bundled base suggests {'; '.join(said)}. --dry-run shows each "
+            "value and where it came from.") if said else ""
 
 
 def _training_command(name: str, help: str) -> None:
@@ -109,8 +126,9 @@ def _training_command(name: str, help: str) -> None:
             run_plan(plan)
 
     command.__name__ = name.replace("-", "_")
-    command.__signature__ = inspect.Signature(training_parameters(METHODS[name], RUN_OPTIONS))
-    app.command(name=name, help=help)(user_errors(command))
+    options = {k: (_recipe_option(METHODS[name].sections), None) if k == "recipe" else v for k, v in RUN_OPTIONS.items()}
+    command.__signature__ = inspect.Signature(training_parameters(METHODS[name], options))
+    app.command(name=name, help=help + _model_note(name))(user_errors(command))
 
 
 for _name, _spec in METHODS.items():
@@ -143,12 +161,15 @@ def generate(prompt: Annotated[str, typer.Argument(help="What to draw.")],
              seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
              num_images: Annotated[int, typer.Option(help="How many images.")] = 1,
              size: Size = None,
-             output: Annotated[Optional[Path], typer.Option(help="Folder for image-NNN.png, grid.png, generation.json. Default: outputs/generate-<timestamp>.")] = None):
+             output: Annotated[Optional[Path], typer.Option(help="Folder for image-NNN.png, grid.png, generation.json. Default: outputs/generate-<timestamp>.")] = None,
+             overwrite: Replace = False):
     check_sampling(scheduler, steps, num_images, size)
     loras, embeddings = lora_specs(lora), embedding_specs(embedding)
+    out = output or default_output("generate")
+    check_output_folder(out, "generation.json", overwrite)
     from .infer import generate_to_folder  # lazy: a command's body loads torch only after its arguments are checked
 
-    generate_to_folder(prompt, output or default_output("generate"), model=model, loras=loras, embeddings=embeddings,
+    generate_to_folder(prompt, out, model=model, loras=loras, embeddings=embeddings,
                        fuse=fuse, allow_pickle=allow_pickle, lenient=lenient, scheduler=scheduler, steps=steps,
                        guidance=guidance, negative_prompt=negative_prompt, seed=seed, num_images=num_images, size=size)
 
@@ -192,9 +213,12 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
              size: Size = None,
              batch_size: Annotated[int, typer.Option(help="Images rendered at once.")] = 8,
              allow_pickle: AllowPickle = False, lenient: Lenient = False,
-             output: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and grid.png. Default: outputs/eval-<timestamp>.")] = None):
+             output: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and grid.png. Default: outputs/eval-<timestamp>.")] = None,
+             overwrite: Replace = False):
     check_eval_args(prompts, prompt, batch_size, limit, {"--refs": refs, "--refs-b": refs_b, "--set": set_, "--style-refs": style_refs})
     check_sampling(scheduler, steps, num_images, size)
+    out = output or default_output("eval")
+    check_output_folder(out, "eval.json", overwrite)
     from .eval_io import format_table, read_prompts  # lazy: PIL and numpy (metrics), after the argument checks
 
     if prompts is not None:
@@ -202,7 +226,6 @@ def evaluate(prompts: Annotated[Optional[Path], typer.Option(help="JSONL prompts
     else:
         items = [{"caption": p, "seed": seed + k} for p in prompt for k in range(num_images)]
     loras, compare_loras, embeddings = lora_specs(lora), lora_specs(compare_lora), embedding_specs(embedding)
-    out = output or default_output("eval")
     from .evaluate import evaluate_models  # lazy: loads torch (a command's body)
 
     metrics = evaluate_models(items, out, model=model, loras=loras, embeddings=embeddings, compare_model=compare_model,

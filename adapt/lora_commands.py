@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .checks import check_lora_output, check_merge_args, check_rank_energy, default_output, lora_specs, parse_targets
+from .checks import check_lora_file_output, check_lora_output, check_merge_args, check_rank_energy, default_output, lora_specs, parse_targets
 from .config import check_lora_format
 from .errors import AdaptError
 from .models import resolve_model
-from .options import AllowPickle, Lenient, Lora, Model, Overwrite
+from .options import AllowPickle, Lenient, Lora, Model, Overwrite, Replace
 
 LORA_COMMANDS: list = []  # (function, help text), in the order `adapt --help` lists them
 
@@ -74,15 +74,10 @@ def convert(file: Annotated[Path, typer.Argument(help="The LoRA file to convert 
     check_lora_format(to)
     if not file.is_file():
         raise AdaptError(f"LoRA file {file} not found")
-    if output.exists() and not overwrite:
-        raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")
+    check_lora_file_output(output, overwrite)
     from .lora_tools import convert as convert_lora  # lazy: loads torch (a command's body)
 
     convert_lora(file, to, output, allow_pickle, lenient)
-
-
-Replace = Annotated[bool, typer.Option(help="Replace an existing --output.")]
-
 
 
 @command("""Extract a LoRA from a fine-tuned model folder (DreamBooth, merge --into-model): per module, the rank-R SVD of W_tuned - W_base.

@@ -17,6 +17,7 @@ from .recipe import SECTIONS, field_help
 
 Model = Annotated[Optional[str], typer.Option(help="Base model: a diffusers folder or a cached hub id. Default: the bundled emoji base model.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace a finished run already in --output.")]
+Replace = Annotated[bool, typer.Option(help="Replace an existing --output.")]
 Lora = Annotated[Optional[List[str]], typer.Option(help="LoRA file with optional weight, FILE[:WEIGHT]; repeat for several.")]
 Lenient = Annotated[bool, typer.Option(help="Leave out LoRA keys that fit no module (of the model, or of any SD/SDXL model) with a warning, instead of stopping.")]
 AllowPickle = Annotated[bool, typer.Option(help="Also read pickle LoRA/embedding files (.pt/.bin/.ckpt), tensors only, with a warning. Only for files you trust.")]
@@ -32,7 +33,8 @@ def _option(section: str, f: dataclasses.Field, help: str | None):
         flag = f.name.replace("_", "-")
         return Annotated[Optional[bool], typer.Option(flags or f"--{flag}/--no-{flag}", help=help, show_default=False)]
     kind = f.metadata.get("cli") or {"int": int, "float": float, "list[str]": List[str]}.get(base, str)
-    return Annotated[Optional[kind], typer.Option(*([flags] if flags else []), help=help)]
+    extra = {"metavar": "<str>"} if base == "list[str]" else {}  # repeatable: one value per flag, not a list
+    return Annotated[Optional[kind], typer.Option(*([flags] if flags else []), help=help, **extra)]
 
 
 def training_parameters(spec: MethodSpec, run_options: dict) -> list[inspect.Parameter]:

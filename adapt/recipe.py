@@ -27,7 +27,7 @@ def field_help(section: str, name: str) -> str:
     default = f.default
     if isinstance(default, (list, tuple)):
         default = ",".join(default)
-    return f"{f.metadata['help']} [default: {default}]" if default is not None else f.metadata["help"]
+    return f"{f.metadata['help']} [default: {default}]" if default not in (None, "") else f.metadata["help"]
 
 
 def _check_type(section: str, f: dataclasses.Field, value: Any) -> Any:

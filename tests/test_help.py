@@ -31,3 +31,21 @@ def test_help_unchanged(command):
     if os.environ.get("ADAPT_UPDATE_HELP"):
         snapshot.write_text(text)
     assert text == snapshot.read_text(), f"`adapt {command} --help` changed; see {snapshot}"
+
+
+@pytest.mark.parametrize("command", ["lora", "dreambooth", "textual-inversion"])
+def test_training_help_names_the_recipe_sections_read_and_the_bundled_bases_defaults(command):
+    """--recipe's help names the sections this command reads (it listed [lora] [dreambooth] for textual inversion,
+    which reads [textual_inversion]), and the help says which defaults the bundled base's adapt.json puts in place
+    of those shown (its lr and steps for every method: a run at the shown 1e-4 x 500 is not what runs)."""
+    import json
+    import re
+
+    from adapt.methods import METHODS
+    from adapt.models import BUNDLED_MODEL
+
+    text = " ".join(help_text(command).split())
+    named = re.search(r"TOML recipe: ((?:\[\w+\] )+)sections", text).group(1).split()
+    assert set(named) == {f"[{s}]" for s in (*METHODS[command].sections, "train")}
+    suggested = json.loads((BUNDLED_MODEL / "adapt.json").read_text())[command]
+    assert f"the bundled base suggests --lr {suggested['lr']}, --steps {suggested['steps']}" in text

@@ -66,7 +66,8 @@ file as learned_embeds.safetensors and inside the kohya file; `adapt generate --
 
 \b
 Example:
-  adapt lora --images examples/cat --token "<sks>" --class-word "cat face" --steps 300
+  adapt lora --images examples/cat --token "<sks>" --output outputs/cat-lora
+  adapt generate "an emoji of <sks> cat face" --lora outputs/cat-lora/pytorch_lora_weights.safetensors
   adapt lora --images examples/cat --token "<sks>" --pivotal --init-token cat --embedding-steps-fraction 0.5
 """,
     'dreambooth': """DreamBooth: fine-tune the whole UNet (optionally the text encoder) on a few images of one
