@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import check_lora_format
 from .errors import AdaptError
+from .fileio import IMAGE_SUFFIXES
 from .schedulers import check_scheduler
 
 
@@ -62,6 +63,22 @@ def embedding_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
     return out
 
 
+def list_images(folder: str | Path, flag: str = "--images") -> list[Path]:
+    """The images of a folder (a `name.mask.png` beside `name.png` is that image's loss mask, masks.py); a missing,
+    empty or wrong `flag` folder is a one-line error, before anything heavy loads."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise AdaptError(f"{flag} {folder} does not exist; pass the folder that holds the images")
+    if not folder.is_dir():
+        raise AdaptError(f"{flag} {folder} is a file; pass the folder that holds the images")
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    stems = {p.stem for p in files}
+    images = sorted(p for p in files if not (p.name.endswith(".mask.png") and p.name[:-len(".mask.png")] in stems))
+    if not images:
+        raise AdaptError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it; put the images there")
+    return images
+
+
 def check_eval_args(prompts, prompt, batch_size: int, limit, folders: dict) -> None:
     """eval: one prompt source, sizes >= 1, --refs-b only beside --refs, every folder a folder."""
     if (prompts is None) == (not prompt):
@@ -74,6 +91,8 @@ def check_eval_args(prompts, prompt, batch_size: int, limit, folders: dict) -> N
         for folder in dirs if isinstance(dirs, (list, tuple)) else [dirs]:
             if folder is not None and not Path(folder).is_dir():
                 raise AdaptError(f"{flag} {folder} is not a folder; pass a folder of images")
+    if folders.get("--set") is not None:
+        list_images(folders["--set"], "--set")  # an empty one: said now, not after every image is rendered
 
 
 def check_merge_args(loras: list, output, into_model, rank, overwrite: bool) -> None:
@@ -88,6 +107,8 @@ def check_merge_args(loras: list, output, into_model, rank, overwrite: bool) -> 
         check_output_folder(into_model, None, overwrite, "--into-model")
     if into_model is not None and rank is not None:
         raise AdaptError("--rank applies to --output (a LoRA file), not to --into-model")
+    if rank is not None and rank < 1:
+        raise AdaptError(f"--rank must be >= 1, got {rank}")
 
 
 def check_lora_file_output(output: Path, overwrite: bool) -> None:

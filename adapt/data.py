@@ -21,7 +21,8 @@ from PIL import Image
 
 from .config import DEFAULT_PROMPT
 from .errors import AdaptError
-from .images import IMAGE_SUFFIXES, load_rgb, save_image, to_rgb
+from .checks import list_images
+from .images import load_rgb, save_image, to_rgb
 from .untrusted import check_caption, check_pixels, read_caption
 
 log = logging.getLogger("adapt")
@@ -33,20 +34,6 @@ class Example:
     prompt: str
     weight: float = 1.0  # loss weight of this sample's group (prior_loss_weight for class images)
     group: int = 0  # 0 = instance, 1 = class (prior preservation); weights normalise per group
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.exists():
-        raise AdaptError(f"image folder {folder} does not exist; pass --images DIR with your training images")
-    if not folder.is_dir():
-        raise AdaptError(f"--images {folder} is a file; pass the folder that holds the images")
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
-    stems = {p.stem for p in files}  # `name.mask.png` beside `name.png` is a loss mask (masks.py), not an image
-    images = sorted(p for p in files if not (p.name.endswith(".mask.png") and p.name[:-len(".mask.png")] in stems))
-    if not images:
-        raise AdaptError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; put your training images there")
-    return images
 
 
 def check_images(examples: list[Example], resolution: int, skip_bad: bool = False) -> list[Example]:

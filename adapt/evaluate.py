@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import infer
-from .data import list_images
+from .checks import list_images
 from .errors import AdaptError
 from .eval_io import load_refs, normalise_item
 from .fileio import write_json
@@ -128,7 +128,7 @@ def _str(path) -> str | None:
 
 def _set_distance(set_dir, gen_feats: np.ndarray, cmp_feats: np.ndarray | None) -> dict:
     """Did the model (and the compare model) move toward the images of set_dir?"""
-    set_feats = features(list_images(set_dir))
+    set_feats = features(list_images(set_dir, "--set"))
     return {"model": distance_to_set(gen_feats, set_feats),
             "compare": None if cmp_feats is None else distance_to_set(cmp_feats, set_feats),
             "set_images": int(set_feats.shape[0])}

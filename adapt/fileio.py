@@ -22,6 +22,7 @@ from pathlib import Path
 from .errors import AdaptError
 from .untrusted import check_safetensors
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what counts as an image file
 RECIPE_FILE = "recipe.json"  # the settings that made a run's output, beside it
 CHECKPOINTS_DIR, CHECKPOINT_PREFIX = "checkpoints", "step-"  # a run's checkpoints: OUTPUT/checkpoints/step-000100/
 

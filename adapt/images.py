@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .fileio import atomic_path
+from .fileio import IMAGE_SUFFIXES, atomic_path  # noqa: F401 (IMAGE_SUFFIXES: read from here too)
 from .untrusted import check_pixels
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import default_output
+from .checks import default_output, list_images
 from .errors import AdaptError
-from .fileio import RECIPE_FILE, has_checkpoints
+from .fileio import CHECKPOINTS_DIR, RECIPE_FILE, has_checkpoints
 from .locks import run_folder
 from .logs import RUN_DEFERRABLE, defer_for_this_run
 from .methods import METHODS, MethodSpec
@@ -66,6 +66,8 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
         raise AdaptError("no training images; pass --images DIR (a folder of .png/.jpg files) or --dataset NAME_OR_PATH")
     if data.token is None:
         raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
+    if data.images is not None:
+        list_images(data.images)  # a missing or empty folder: said now, not after torch has loaded
     for config in configs.values():
         if hasattr(config, "check"):  # checks that belong to a run, not to every build (DreamBooth's scheduler)
             config.check()
@@ -73,6 +75,9 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
         raise AdaptError("--resume needs --output: the run folder whose checkpoints to continue")
     overwrite, resume = bool(options.get("overwrite")), bool(train_cfg.resume)
     output = _output_dir(options.get("output"), command, overwrite, resume)
+    if train_cfg.resume == "latest" and not has_checkpoints(output):
+        raise AdaptError(f"--resume latest: no checkpoint in {output / CHECKPOINTS_DIR}; start without --resume, or pass "
+                         "--resume DIR")
     inputs = _inputs_inside(output, options)
     holds_run = (output / RECIPE_FILE).exists() or has_checkpoints(output)
     replace = inputs if overwrite and not resume and holds_run else None  # a resumed run keeps its checkpoints

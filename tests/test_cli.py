@@ -30,9 +30,19 @@ def _imports_after(argv: list[str]) -> tuple[int, bool]:
     (["lora", "--images", "/nonexistent", "--token", "<sks>", "--lr-scheduler", "nope"], 2),
     (["lora", "--token", "two words", "--images", "x"], 2),
     (["generate", "x", "--scheduler", "nope"], 2),
+    # said before torch loads (each loaded it first): a missing or empty image folder, nothing to resume, an empty --set
+    (["lora", "--images", "/nonexistent", "--token", "<sks>"], 2),
+    (["lora", "--images", "EMPTY", "--token", "<sks>"], 2),
+    (["lora", "--images", "IMAGES", "--token", "<sks>", "--output", "EMPTY", "--resume", "latest"], 2),
+    (["eval", "--prompt", "x", "--set", "EMPTY"], 2),
+    (["merge", "--lora", "IMAGES/a.png", "--output", "x.safetensors", "--rank", "0"], 2),
 ])
-def test_help_and_argument_errors_do_not_import_torch(argv, code):
-    assert _imports_after(argv) == (code, False)
+def test_help_and_argument_errors_do_not_import_torch(argv, code, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes((ROOT / "examples" / "cat" / "1f431.png").read_bytes())
+    folders = {"EMPTY": str(tmp_path / "empty"), "IMAGES": str(tmp_path / "images")}
+    assert _imports_after([folders.get(a, a).replace("IMAGES/", folders["IMAGES"] + "/") for a in argv]) == (code, False)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -44,14 +54,18 @@ def test_help_and_argument_errors_do_not_import_torch(argv, code):
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--optimizer", "sgd"], "choose one of: adamw, adamw8bit"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--mixed-precision", "fp8"], "choose one of: auto, no, fp16, bf16"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--resume", "latest"], "--resume needs --output"),
+    (["lora", "--images", "IMAGES", "--token", "<sks>", "--resume", "latest", "--output", "IMAGES/run"],
+     "--resume latest: no checkpoint in"),
+    (["lora", "--images", "IMAGES/1f431.txt", "--token", "<sks>"], "is a file; pass the folder that holds the images"),
+    (["merge", "--lora", "IMAGES/1f431.png", "--output", "x.safetensors", "--rank", "0"], "--rank must be >= 1, got 0"),
     (["generate", "x", "--lora", "/no/such.safetensors:0.5"], "not found"),
     (["generate", "x", "--size", "30"], "multiple of 8"),
     (["eval", "--prompt", "x", "--refs-b", "IMAGES"], "--refs-b needs --refs"),
     (["eval"], "either --prompts FILE or --prompt"),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--recipe", "/no/recipe.toml"], "recipe"),
 ])
-def test_bad_input_is_one_line_exit_2(argv, message, concept_dir):
-    code, out = run(*[str(concept_dir) if a == "IMAGES" else a for a in argv])
+def test_bad_input_is_one_line_exit_2(argv, message):
+    code, out = run(*[a.replace("IMAGES", str(ROOT / "examples" / "cat")) for a in argv])
     assert code == 2, out
     assert message in out
     assert "Traceback" not in out
