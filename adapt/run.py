@@ -123,6 +123,7 @@ def setup(components, method, examples: list[Example], cfg: TrainConfig, out_dir
         loop = resume(run.ckpt_root, cfg.resume, named_params, optimizer, lr_scheduler, accelerator.scaler, generators,
                       run.world, recipe, run.ema and run.ema.shadow)
         run.step, run.losses, order.pending = loop["step"], loop["losses"], loop["pending"]
+        run.skipped = loop.get("skipped", 0)  # non-finite batches skipped before the checkpoint (report.md counts all)
         restore(run, loop)
     if callable(getattr(unwrapped(optimizer), "train", None)):
         unwrapped(optimizer).train()  # schedule-free steps only in train mode (a checkpoint's state is already in it)

@@ -224,7 +224,7 @@ def checkpoint(run: Run) -> Path:
     return save_checkpoint(run.ckpt_root, run.step, run.named_params, run.optimizer, run.lr_scheduler,
                            run.accelerator.scaler, run.generators,
                            {"losses": run.losses, "pending": run.order.pending, "recipe": run.recipe, "world": run.world,
-                            **loop_state(run)}, run.cfg.keep_checkpoints, run.ema and run.ema.shadow, protected(run))
+                            "skipped": run.skipped, **loop_state(run)}, run.cfg.keep_checkpoints, run.ema and run.ema.shadow, protected(run))
 
 
 def validate(run: Run, tag: str, final: bool = False) -> None:

@@ -4,6 +4,7 @@ error that keeps the old file, a non-finite loss stops before it reaches the wei
 from __future__ import annotations
 
 import errno
+import shutil
 import json
 import os
 import signal
@@ -127,7 +128,13 @@ def test_nonfinite_loss_stops_before_the_weights_or_is_skipped(tiny_model, conce
 
     calls["n"] = 0
     c = load_components(tiny_model)
-    result = train(c, LoraMethod(LoraConfig()), examples, TrainConfig(steps=8, lr=1e-2, skip_nonfinite=True),
-                   tmp_path / "b", resolution=16, progress=False)
+    cfg = dict(steps=8, lr=1e-2, skip_nonfinite=True, checkpoint_every=6)
+    result = train(c, LoraMethod(LoraConfig()), examples, TrainConfig(**cfg), tmp_path / "b", resolution=16, progress=False)
     assert result["steps"] == 8 and calls["n"] == 9 and all(np.isfinite(result["losses"]))
     assert all(torch.isfinite(p).all() for p in c.unet.parameters())
+    # resumed after the skip (from step 6), the run still counts it: report.md's count is the whole run's
+    monkeypatch.setattr(adapt.train, "diffusion_loss", real)
+    shutil.copytree(tmp_path / "b" / "checkpoints", tmp_path / "c" / "checkpoints")
+    resumed = train(load_components(tiny_model), LoraMethod(LoraConfig()), examples, TrainConfig(**cfg, resume="latest"),
+                    tmp_path / "c", resolution=16, progress=False)
+    assert result["skipped"] == resumed["skipped"] == 1 and resumed["losses"] == result["losses"]
