@@ -234,12 +234,15 @@ def _load_tensors(path: Path, file: str, into: dict, other: str) -> None:
 
 def _without_run_keys(recipe: dict) -> dict:
     """The parts of a recipe that must match to resume: all but the run length, checkpointing,
-    logging and validation-render settings, where the moving average is kept and what of it is saved
-    (they do not change what is learned) and the split of the global batch over processes (checked on
+    logging and validation-render settings, where the moving average is kept and what of it is saved, where
+    the disk cache is (they do not change what is learned) and the split of the global batch over processes (checked on
     its own). The held-out images must match: they decide what is trained on, and which step is best."""
     out = json.loads(json.dumps(recipe))
     for key in ("steps", "resume", "checkpoint_every", "keep_checkpoints", "keep_best", "skip_nonfinite", "log_with",
                 "validation_prompt", "validation_every", "validation_steps", "num_processes", "batch_size",
-                "ema_on_cpu", "save_ema"):
+                "ema_on_cpu", "save_ema", "cache_dir"):
         out.get("train", {}).pop(key, None)
+    for section, key in (("data", "images"), ("dreambooth", "class_images"), ("train", "validation_images")):
+        if isinstance(out.get(section, {}).get(key), str):  # one folder, however it was written (relative, ./, ..)
+            out[section][key] = str(Path(out[section][key]).resolve())
     return out

@@ -90,3 +90,19 @@ def test_overwrite_keeps_the_runs_own_inputs_and_refuses_an_output_that_is_one(t
                         out / "images", "--steps", "1", *overwrite)
         assert code == 2 and "is also an input of this run; pass another --output" in log
         assert _files(out / "images") == _files(concept_dir)
+
+
+def test_a_finished_run_trains_on_with_resume_and_overwrite_however_its_folder_is_written(common, tmp_path, concept_dir):
+    """--resume latest --overwrite continues a finished run from its last checkpoint (its files are replaced when it
+    ends), and the image folder may be written another way (relative here): the same folder is the same recipe."""
+    import os
+
+    out = tmp_path / "run"
+    assert run(*common, "--steps", "4", "--checkpoint-every", "2")[0] == 0
+    code, log = run(*common, "--steps", "6", "--checkpoint-every", "2", "--resume", "latest")
+    assert code == 2 and "holds a finished run; to train it on from its last checkpoint pass --overwrite too" in log
+    moved = [os.path.relpath(concept_dir) if a == concept_dir else a for a in common]
+    code, log = run(*moved, "--steps", "6", "--checkpoint-every", "2", "--resume", "latest", "--overwrite")
+    assert code == 0, log
+    assert json.loads((out / "recipe.json").read_text())["train"]["steps"] == 6
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6  # steps 1-2 kept, 3-6 trained on
