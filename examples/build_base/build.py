@@ -92,7 +92,9 @@ ADAPT_DEFAULTS = {
     "styles": STYLE_PHRASES,
     # measured on the shipped (refined) base; README "The bundled base model" has the probes
     "lora": {"lr": 0.004, "steps": 750},  # quickstart 1.000 Twemoji cats (0.750 at 500 steps, 0.625 at 2e-3, 0.375 at 8e-3)
-    # prior weight 0.3: 0.812 Twemoji cats, class drift 0.765 of no prior's (1.0 x 300: 0.000; + text encoder: 0.625, 0.867)
+    # class images at guidance 3, training seeds 0-2, prior weight 0.1: 0.938 / 0.688 / 0.438 Twemoji cats, class drift
+    # 0.62 / 0.47 / 0.86 of no prior's (0.2: 0.875 / 0.250 / 0.375; 0.3: 0.500 / 0.125 at seeds 0-1; at guidance-7.5
+    # class images 0.3 drew 0.812, drift 0.765, and 1.0 x 300 0.000)
     "dreambooth": {"lr": 0.0001, "steps": 300, "prior_loss_weight": 0.1},
     # `dreambooth --lora`, training seeds 0-2: 0.60 Twemoji cats, class drift 0.89 of no prior's (the generic 1e-4 x 500
     # at prior weight 1.0: 0.000; weight 0.3: 0.40, 0.80; 0.1: 0.56, 0.94; 0.3 x 400 steps: 0.31, 0.69)
