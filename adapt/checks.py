@@ -113,7 +113,9 @@ def check_merge_args(loras: list, output, into_model, rank, overwrite: bool) -> 
 
 def check_lora_file_output(output: Path, overwrite: bool) -> None:
     """convert / merge --output: one .safetensors file, not over an existing one without --overwrite."""
-    if output.suffix != ".safetensors" or output.is_dir():
+    if output.is_dir():
+        raise AdaptError(f"--output {output} is a folder; name the .safetensors file to write in it, e.g. {output / 'lora.safetensors'}")
+    if output.suffix.lower() != ".safetensors":
         raise AdaptError(f"--output {output}: name the .safetensors file to write, e.g. {output.with_suffix('.safetensors').name}")
     if output.exists() and not overwrite:
         raise AdaptError(f"{output} already exists; pass another --output or --overwrite to replace it")

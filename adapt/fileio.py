@@ -27,6 +27,26 @@ RECIPE_FILE = "recipe.json"  # the settings that made a run's output, beside it
 CHECKPOINTS_DIR, CHECKPOINT_PREFIX = "checkpoints", "step-"  # a run's checkpoints: OUTPUT/checkpoints/step-000100/
 
 
+# What a training run writes into its folder besides its .safetensors files and a pipeline's components (named in its
+# model_index.json): recipe and report (formats, report), metrics and loss plot (train), validation grids and summary
+# (validation), --save-ema both's raw/ (formats), --dataset's images (launch), tracker logs (run), textual inversion's
+# a1111/ (embeddings). --overwrite moves exactly these aside (locks.replacing): a user's other files stay.
+RUN_FILES = (RECIPE_FILE, "report.md", "metrics.jsonl", "loss.png", "validation.json", "model_index.json", "adapt.json")
+RUN_DIRS = (CHECKPOINTS_DIR, "validation", "raw", "dataset", "logs", "a1111")
+
+
+def run_entries(run_dir: str | os.PathLike) -> list[Path]:
+    """The entries of a run folder that a run wrote (RUN_FILES, RUN_DIRS, .safetensors files, pipeline components)."""
+    run_dir = Path(run_dir)
+    index = run_dir / "model_index.json"
+    try:
+        components = {k for k in json.loads(index.read_text()) if not k.startswith("_")} if index.is_file() else set()
+    except (OSError, ValueError, AttributeError):
+        components = set()
+    names = {*RUN_FILES, *RUN_DIRS, *components}
+    return sorted(e for e in run_dir.iterdir() if e.name in names or (e.suffix == ".safetensors" and e.is_file()))
+
+
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
     """Whether a run folder holds a checkpoint (checkpoint.py writes them; this test stays light)."""
     root = Path(run_dir) / CHECKPOINTS_DIR

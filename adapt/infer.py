@@ -210,10 +210,12 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidan
 
 
 def write_images(images, out_dir: str | Path, settings: dict) -> list[Path]:
-    """image-000.png ... plus grid.png and generation.json (the settings that made them); no other image-*.png stays."""
+    """image-000.png ... plus grid.png and generation.json (the settings that made them); an earlier generate's other
+    image-*.png there go (a user's own files are not touched)."""
     out_dir = Path(out_dir)
+    earlier = (out_dir / "generation.json").exists()  # --overwrite of an earlier generate: its images are ours to drop
     paths = [save_image(img, out_dir / f"image-{i:03d}.png") for i, img in enumerate(images)]
-    for stale in set(out_dir.glob("image-*.png")) - set(paths):  # --overwrite of a run that made more images
+    for stale in set(out_dir.glob("image-*.png")) - set(paths) if earlier else ():
         stale.unlink()
     save_image(make_grid(images), out_dir / "grid.png")
     write_json(out_dir / "generation.json", settings)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AdaptError
-from .fileio import RECIPE_FILE, has_checkpoints
+from .fileio import RECIPE_FILE, has_checkpoints, run_entries
 
 log = logging.getLogger("adapt")
 LOCK_FILE = ".adapt.lock"
@@ -133,40 +133,57 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def replacing(folder: Path, keep: frozenset[str] | None):
-    """A run in `folder`, and with --overwrite (`keep`: the entries this run reads) the run it replaces: the old
-    run's files move into FOLDER/.previous-run while the new one trains. They are deleted once a run there has written
-    its recipe (finished), moved back if it ended without one and without a checkpoint, and kept beside its
-    checkpoints otherwise, so --resume can finish it. So two runs' files never mix, and a finished run is only
-    deleted when another has finished in its place."""
+def replacing(folder: Path, keep: frozenset[str], replace: bool):
+    """A run in `folder` (`keep`: the entries holding what it reads, never touched), and with --overwrite (`replace`)
+    the run it replaces: that run's files (fileio.run_entries; a user's other files stay) move into
+    FOLDER/.previous-run while the new one trains. They are deleted once a run there has finished (its recipe
+    written, no error), moved back if it failed without a checkpoint, and kept beside its checkpoints otherwise, so
+    --resume can finish it. So two runs' files never mix, and a finished run is only deleted when another has
+    finished in its place."""
     aside = folder / ASIDE
-    if keep is not None:
+    if replace:
+        if aside.exists() and (folder / RECIPE_FILE).exists():
+            _remove(aside)  # the run there finished, but was stopped before it removed the one it replaced
         fresh = not aside.exists()  # else it holds the last finished run, and the folder an abandoned replacement
         aside.mkdir(exist_ok=True)
-        for entry in _entries(folder, keep):
+        for entry in _owned(folder, keep):
             if fresh:
                 entry.rename(aside / entry.name)
             else:
                 _remove(entry)
+    finished = False
     try:
         yield
+        finished = (folder / RECIPE_FILE).exists()
+    except SystemExit as stop:  # --num-processes: the launcher's exit code is the workers' result
+        finished = stop.code in (0, None) and (folder / RECIPE_FILE).exists()
+        raise
     finally:
-        if not aside.exists():
-            pass
-        elif (folder / RECIPE_FILE).exists():
-            _remove(aside)
-        elif not has_checkpoints(folder):
-            for entry in _entries(folder, keep or frozenset()):
-                _remove(entry)  # the failed run's few files: the old run comes back whole
-            for entry in aside.iterdir():
-                entry.rename(folder / entry.name)
-            aside.rmdir()
-        else:
-            log.warning("the run this one replaces is kept in %s until a run there finishes (--resume latest)", aside)
+        _settle(folder, aside, keep, finished)
 
 
-def _entries(folder: Path, keep: frozenset[str]) -> list[Path]:
-    return [e for e in folder.iterdir() if e.name not in (LOCK_FILE, ASIDE, *keep)]
+def _owned(folder: Path, keep: frozenset[str]) -> list[Path]:
+    return [e for e in run_entries(folder) if e.name not in keep]
+
+
+def _settle(folder: Path, aside: Path, keep: frozenset[str], finished: bool) -> None:
+    """After a run: drop the replaced run's files, give them back, or keep them (replacing)."""
+    if not aside.exists():
+        return
+    if finished:
+        _remove(aside)
+    elif not has_checkpoints(folder):
+        for entry in _owned(folder, keep):
+            _remove(entry)  # the failed run's few files: the old run comes back whole
+        for entry in aside.iterdir():
+            if (folder / entry.name).exists():
+                _remove(folder / entry.name)  # a name only the old run had, so the failed run wrote it
+            entry.rename(folder / entry.name)
+        aside.rmdir()
+        log.info("the run could not finish; the run it was replacing is back in %s", folder)
+    else:
+        log.warning("the run this one replaces is kept in %s until a run there finishes (--resume latest); move its "
+                    "files back to undo the replacement", aside)
 
 
 def held_elsewhere(folder: Path) -> bool:
@@ -175,10 +192,10 @@ def held_elsewhere(folder: Path) -> bool:
 
 
 @contextmanager
-def run_folder(out: Path, replace: frozenset[str] | None = None):
+def run_folder(out: Path, inputs: frozenset[str] = frozenset(), replace: bool = False):
     """Hold the run folder `out` for this run (refused at once if a live run holds it) and clear
-    what an interrupted run's atomic writes left there; `replace` (--overwrite of a run): the entries
-    this run keeps (`replacing`). Workers of a multi-process run leave it to the process
+    what an interrupted run's atomic writes left there; `inputs`: its entries this run reads, `replace`:
+    --overwrite of a run there (`replacing`). Workers of a multi-process run leave it to the process
     that launched them (or, under an outside launcher, to rank 0)."""
     if held_elsewhere(out) or int(os.environ.get("RANK", "0") or 0) != 0:
         yield
@@ -188,7 +205,7 @@ def run_folder(out: Path, replace: frozenset[str] | None = None):
         remove_partial_files(out)
         os.environ["ADAPT_RUN_LOCK"] = str(Path(out).resolve())  # for the workers of --num-processes
         try:
-            with replacing(Path(out), replace):
+            with replacing(Path(out), inputs, replace):
                 yield
         finally:
             if before is None:

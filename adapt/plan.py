@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ class Plan:
     model: str | None              # as given (None: the bundled model)
     output: Path
     sources: dict[str, dict[str, str]]  # {section: {field: "default" | "method" | "model" | "recipe" | "flag"}}
-    replace: frozenset[str] | None = None  # --overwrite of a run: clear output but these entries (its inputs)
+    inputs: frozenset[str] = frozenset()  # entries of output holding what the run reads (--images OUTPUT/images)
+    replace: bool = False                  # --overwrite of a run in output: its files move aside (locks.replacing)
 
 
 def make_plan(command: str, options: dict[str, Any]) -> Plan:
@@ -68,6 +70,8 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
         raise AdaptError("no token; pass --token '<sks>' (a rare word the concept is bound to)")
     if data.images is not None:
         list_images(data.images)  # a missing or empty folder: said now, not after torch has loaded
+    if train_cfg.validation_images:
+        list_images(train_cfg.validation_images, "--validation-images")
     for config in configs.values():
         if hasattr(config, "check"):  # checks that belong to a run, not to every build (DreamBooth's scheduler)
             config.check()
@@ -78,10 +82,12 @@ def make_plan(command: str, options: dict[str, Any]) -> Plan:
     if train_cfg.resume == "latest" and not has_checkpoints(output):
         raise AdaptError(f"--resume latest: no checkpoint in {output / CHECKPOINTS_DIR}; start without --resume, or pass "
                          "--resume DIR")
-    inputs = _inputs_inside(output, options)
-    holds_run = (output / RECIPE_FILE).exists() or has_checkpoints(output)
-    replace = inputs if overwrite and not resume and holds_run else None  # a resumed run keeps its checkpoints
-    return Plan(command, spec, configs, data.prompt if template is None else template, model, output, sources, replace)
+    inputs = _inputs_inside(output, [options.get("recipe"), model, train_cfg.resume, train_cfg.cache_dir,
+                                     train_cfg.validation_images, data.images, data.dataset,
+                                     getattr(configs.get("dreambooth"), "class_images", None)])
+    replace = overwrite and not resume and ((output / RECIPE_FILE).exists() or has_checkpoints(output))  # resume: keep
+    return Plan(command, spec, configs, data.prompt if template is None else template, model, output, sources, inputs,
+                replace)
 
 
 def _optimizer_lr(train, recipe: dict | None, flags: dict, sources: dict[str, str]):
@@ -104,24 +110,40 @@ def _output_dir(output: Path | None, command: str, overwrite: bool, resume: bool
     if out.exists() and not out.is_dir():
         raise AdaptError(f"--output {out} is a file; pass a folder for the run")
     if (out / RECIPE_FILE).exists() and not overwrite:
-        raise AdaptError(f"{out} holds a finished run; to train it on from its last checkpoint pass --overwrite too "
-                         "(its files are replaced when it ends), or pass another --output" if resume else
-                         f"{out} already holds a finished run; pass another --output or --overwrite to replace it")
+        if resume and has_checkpoints(out):
+            raise AdaptError(f"{out} holds a finished run; to train it on from its last checkpoint pass --overwrite too "
+                             "(its files are replaced when it ends), or pass another --output")
+        raise AdaptError(f"{out} already holds a finished run; pass another --output or --overwrite to replace it")
     if has_checkpoints(out) and not (overwrite or resume):
         raise AdaptError(f"{out} holds the checkpoints of an unfinished run; pass --resume latest to continue it, "
                          "--overwrite to start again there, or another --output")
     return out
 
 
-def _inputs_inside(out: Path, options: dict[str, Any]) -> frozenset[str]:
-    """The entries of `out` that hold a file or folder this run reads (--images DIR inside --output, a --recipe):
-    --overwrite keeps them. An input that is `out` itself is refused (the run's files would join the images)."""
-    root = out.resolve()
-    paths = [Path(v).resolve() for k, v in options.items() if k != "output" and isinstance(v, (str, Path)) and v
-             and Path(v).exists()]
-    if root in paths:
-        raise AdaptError(f"--output {out} is also an input of this run; pass another --output")
-    return frozenset(p.relative_to(root).parts[0] for p in paths if p.is_relative_to(root))
+def _inputs_inside(out: Path, paths: list) -> frozenset[str]:
+    """The entries of `out` that hold one of `paths` (the run's path settings: images, class images, recipe, model,
+    cache, ...; a symlink counts by its own path and by what it points to): --overwrite never touches them. `out`
+    itself as an input is refused (the run's files would join the images)."""
+    found = set()
+    for root in {Path(os.path.abspath(out)), out.resolve()}:
+        for value in filter(None, paths):
+            for path in _exists({Path(os.path.abspath(value)), Path(value).resolve()}):
+                if path == root:
+                    raise AdaptError(f"--output {out} is also an input of this run; pass another --output")
+                if path.is_relative_to(root):
+                    found.add(path.relative_to(root).parts[0])
+    return frozenset(found)
+
+
+def _exists(paths: set[Path]) -> list[Path]:
+    out = []
+    for path in paths:
+        try:
+            if path.exists():
+                out.append(path)
+        except OSError:  # a name the filesystem cannot hold (too long): not a path of this run
+            pass
+    return out
 
 
 def unused_packages(plan: Plan) -> list[str]:
@@ -140,6 +162,6 @@ def run_plan(plan: Plan) -> None:
     defer_for_this_run(unused_packages(plan))  # before the stack loads: it decides then what is installed
     from .launch import run  # lazy: launch loads torch; everything above runs before it
 
-    with run_folder(plan.output, plan.replace):
+    with run_folder(plan.output, plan.inputs, plan.replace):
         run(plan)
 

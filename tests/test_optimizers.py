@@ -190,10 +190,10 @@ def test_missing_optimizer_package_is_a_clear_error(optimizer, package, tiny_mod
               tmp_path / "direct", resolution=16, progress=False)
 
 
-def test_prodigy_takes_lr_1_unless_told(tiny_model, tmp_path, caplog, monkeypatch):
+def test_prodigy_takes_lr_1_unless_told(tiny_model, concept_dir, tmp_path, caplog, monkeypatch):
     _pretend(monkeypatch, "prodigyopt", installed=True)  # the plan checks it is installed; this test needs no more
     def lr(**kw):
-        opts = {"images": tmp_path, "token": "<t>", "output": tmp_path / "run", "model": tiny_model, **kw}
+        opts = {"images": concept_dir, "token": "<t>", "output": tmp_path / "run", "model": tiny_model, **kw}
         return make_plan("lora", opts).configs["train"].lr
 
     assert lr() == 1e-4 and lr(optimizer="prodigy") == 1.0 and lr(optimizer="prodigy", lr=0.5) == 0.5

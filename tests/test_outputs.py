@@ -29,10 +29,11 @@ def test_convert_and_merge_write_one_safetensors_file(tmp_path, no_render):
     lora = tmp_path / "a.safetensors"
     lora.write_bytes(b"")  # never read: the output is refused first
     (tmp_path / "folder").mkdir()
-    for output in ("folder", "noext"):
+    for output, message in (("folder", "is a folder; name the .safetensors file to write in it"),
+                            ("noext", ": name the .safetensors file to write")):
         for args in (["convert", lora, "--to", "kohya"], ["merge", "--lora", lora]):
             code, log = run(*args, "--output", tmp_path / output, "--overwrite")
-            _one_line_error(code, log, f"--output {tmp_path / output}: name the .safetensors file to write")
+            _one_line_error(code, log, f"--output {tmp_path / output}{'' if message[0] == ':' else ' '}{message}")
     (tmp_path / "model.txt").write_text("mine")
     code, log = run("merge", "--lora", lora, "--into-model", tmp_path / "model.txt", "--overwrite")
     _one_line_error(code, log, f"--into-model {tmp_path / 'model.txt'} is a file; pass a folder")
@@ -59,3 +60,11 @@ def test_generate_overwrite_replaces_the_earlier_images(tiny_model, tmp_path):
     assert code == 0, log
     assert sorted(p.name for p in out.iterdir()) == ["generation.json", "grid.png", "image-000.png"]
     assert json.loads((out / "generation.json").read_text())["seeds"] == [5]
+
+
+def test_generate_into_a_folder_of_ones_own_images_leaves_them(tiny_model, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "image-007.png").write_bytes(b"my picture")  # no generation.json: not an earlier generate's
+    assert run("generate", "a photo of x", "--model", tiny_model, "--steps", "2", "--output", out)[0] == 0
+    assert (out / "image-007.png").read_bytes() == b"my picture" and (out / "image-000.png").is_file()

@@ -6,6 +6,8 @@ is refused without --resume or --overwrite."""
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 
@@ -92,17 +94,82 @@ def test_overwrite_keeps_the_runs_own_inputs_and_refuses_an_output_that_is_one(t
         assert _files(out / "images") == _files(concept_dir)
 
 
-def test_a_finished_run_trains_on_with_resume_and_overwrite_however_its_folder_is_written(common, tmp_path, concept_dir):
+def test_a_finished_run_trains_on_with_resume_and_overwrite_however_its_folder_is_written(common, tmp_path, concept_dir,
+                                                                                        caplog):
     """--resume latest --overwrite continues a finished run from its last checkpoint (its files are replaced when it
     ends), and the image folder may be written another way (relative here): the same folder is the same recipe."""
     import os
 
+    caplog.set_level(logging.INFO, logger="adapt")
     out = tmp_path / "run"
     assert run(*common, "--steps", "4", "--checkpoint-every", "2")[0] == 0
+    first = (out / "metrics.jsonl").read_text().splitlines()
     code, log = run(*common, "--steps", "6", "--checkpoint-every", "2", "--resume", "latest")
     assert code == 2 and "holds a finished run; to train it on from its last checkpoint pass --overwrite too" in log
     moved = [os.path.relpath(concept_dir) if a == concept_dir else a for a in common]
     code, log = run(*moved, "--steps", "6", "--checkpoint-every", "2", "--resume", "latest", "--overwrite")
     assert code == 0, log
     assert json.loads((out / "recipe.json").read_text())["train"]["steps"] == 6
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6  # steps 1-2 kept, 3-6 trained on
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 6 and rows[:4] == first  # exact: steps 3-4 trained again from step 2's checkpoint
+    assert "(step 2)" in caplog.text and "resumed from" in caplog.text
+
+
+def test_overwrite_moves_only_the_runs_own_files_and_a_failure_after_the_recipe_gives_the_old_run_back(common, tmp_path,
+                                                                                                     monkeypatch):
+    import adapt.formats
+
+    out = tmp_path / "run"
+    assert run(*common, "--steps", "2")[0] == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "other-run").mkdir()
+    (out / "other-run" / "keep.safetensors").write_bytes(b"x")
+    before = {f: (out / f).read_bytes() for f in _files(out)}
+    real = adapt.formats.save_lora
+
+    def saves_then_fails(*a, **k):  # everything written, the recipe too, then an error (a full disk, say)
+        real(*a, **k)
+        raise OSError("boom")
+
+    monkeypatch.setattr(adapt.formats, "save_lora", saves_then_fails)
+    assert run(*common, "--steps", "3", "--overwrite")[0] != 0
+    assert {f: (out / f).read_bytes() for f in _files(out)} == before
+    monkeypatch.setattr(adapt.formats, "save_lora", real)
+    assert run(*common, "--steps", "3", "--overwrite")[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "other-run" / "keep.safetensors").read_bytes() == b"x"
+
+
+def test_a_left_replacement_never_costs_the_runs_inputs(tiny_model, concept_dir, tmp_path, monkeypatch):
+    """A replacement killed outright (SIGKILL: no clean-up) leaves the old run in .previous-run; the next run there
+    that fails gives it back, and the images inside the folder stay where they are."""
+    import shutil
+
+    from adapt.fileio import run_entries
+
+    out = tmp_path / "run"
+    shutil.copytree(concept_dir, out / "images")
+    args = ["lora", "--images", out / "images", "--token", "<sks>", "--model", tiny_model, "--output", out, "--steps", "1"]
+    assert run(*args)[0] == 0
+    old = {f: (out / f).read_bytes() for f in _files(out)}
+    (out / ".previous-run").mkdir()
+    for entry in run_entries(out):
+        entry.rename(out / ".previous-run" / entry.name)  # as the killed --overwrite left it
+    monkeypatch.setattr(adapt.train, "diffusion_loss", lambda *a, **k: 1 / 0)
+    assert run(*args)[0] != 0
+    assert {f: (out / f).read_bytes() for f in _files(out)} == old and not (out / ".previous-run").exists()
+
+
+def test_only_path_settings_count_as_inputs(concept_dir, tmp_path):
+    """A word that names a folder (--init-token cat, with ./cat the output) is not an input, a prompt too long for a
+    file name is no error, and a class-image folder set in a recipe inside the output is kept by --overwrite."""
+    from adapt.plan import make_plan
+
+    (tmp_path / "cat").mkdir()
+    base = {"images": concept_dir, "token": "<sks>", "prompt": "a" * 300 + " {token}", "overwrite": True}
+    plan = make_plan("lora", {**base, "pivotal": True, "init_token": "cat", "output": Path("cat")})
+    assert plan.inputs == frozenset()
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[dreambooth]\nclass_images = "cat/cls"\n')
+    (tmp_path / "cat" / "cls").mkdir()
+    plan = make_plan("dreambooth", {**base, "class_word": "cat", "recipe": recipe, "output": Path("cat")})
+    assert plan.inputs == {"cls"}

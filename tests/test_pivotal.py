@@ -258,12 +258,12 @@ def test_pivotal_starts_from_lora_alones_seeded_init(tiny_model):
     assert all(torch.equal(alone[k], pivotal[k]) for k in alone)
 
 
-def test_the_embedding_learns_at_a_twentieth_of_lr_unless_told(tiny_model, tmp_path):
+def test_the_embedding_learns_at_a_twentieth_of_lr_unless_told(tiny_model, concept_dir, tmp_path):
     from adapt.methods.pivotal import EMBEDDING_LR_FRACTION
     from adapt.plan import make_plan
 
     def train_cfg(**kw):
-        options = {"images": tmp_path, "token": TOKEN, "output": tmp_path / "run", "model": tiny_model, "pivotal": True,
+        options = {"images": concept_dir, "token": TOKEN, "output": tmp_path / "run", "model": tiny_model, "pivotal": True,
                    "init_token": "cat", **kw}
         return make_plan("lora", options).configs["train"]
 
@@ -271,5 +271,5 @@ def test_the_embedding_learns_at_a_twentieth_of_lr_unless_told(tiny_model, tmp_p
     assert train_cfg(lr=4e-3).embedding_lr == pytest.approx(2e-4)
     assert train_cfg(lr=4e-3, embedding_lr=5e-3).embedding_lr == 5e-3
     assert train_cfg(optimizer="prodigy").embedding_lr is None  # prodigy's --lr multiplies its estimate: no ratio
-    plain = make_plan("lora", {"images": tmp_path, "token": TOKEN, "output": tmp_path / "run2", "model": tiny_model})
+    plain = make_plan("lora", {"images": concept_dir, "token": TOKEN, "output": tmp_path / "run2", "model": tiny_model})
     assert plain.configs["train"].embedding_lr is None

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from adapt.errors import AdaptError
 from adapt.plan import make_plan
@@ -22,7 +23,11 @@ def model_with_defaults(tiny_model, tmp_path):
 
 
 def opts(tmp_path, **kw):
-    return {"images": tmp_path, "token": "<t>", "output": tmp_path / "run", **kw}
+    images = tmp_path / "images"  # make_plan reads the folder: a missing or empty one is an error before torch loads
+    if not images.is_dir():
+        images.mkdir()
+        Image.new("RGB", (16, 16)).save(images / "a.png")
+    return {"images": images, "token": "<t>", "output": tmp_path / "run", **kw}
 
 
 def test_precedence_flag_over_recipe_over_model_over_method_default(model_with_defaults, tmp_path):
