@@ -30,7 +30,8 @@ CHECKPOINTS_DIR, CHECKPOINT_PREFIX = "checkpoints", "step-"  # a run's checkpoin
 # What a training run writes into its folder besides its .safetensors files and a pipeline's components (named in its
 # model_index.json): recipe and report (formats, report), metrics and loss plot (train), validation grids and summary
 # (validation), --save-ema both's raw/ (formats), --dataset's images (launch), tracker logs (run), textual inversion's
-# a1111/ (embeddings). --overwrite moves exactly these aside (locks.replacing): a user's other files stay.
+# a1111/ (embeddings). --overwrite moves exactly these aside (locks.replacing): a user's other files stay (and so do
+# other files a pipeline run copied from its base, e.g. the bundled base's README.md; the next pipeline run copies its own).
 RUN_FILES = (RECIPE_FILE, "report.md", "metrics.jsonl", "loss.png", "validation.json", "model_index.json", "adapt.json")
 RUN_DIRS = (CHECKPOINTS_DIR, "validation", "raw", "dataset", "logs", "a1111")
 

@@ -173,3 +173,21 @@ def test_only_path_settings_count_as_inputs(concept_dir, tmp_path):
     (tmp_path / "cat" / "cls").mkdir()
     plan = make_plan("dreambooth", {**base, "class_word": "cat", "recipe": recipe, "output": Path("cat")})
     assert plan.inputs == {"cls"}
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lora", ["--validation-prompt", "a photo of <sks>", "--validation-split", "0.34", "--checkpoint-every", "1",
+              "--ema-decay", "0.9", "--save-ema", "both"]),
+    ("textual-inversion", ["--init-token", "cat", "--format", "a1111"]),
+    ("dreambooth", ["--no-prior-preservation"]),
+])
+def test_every_file_a_run_writes_is_one_overwrite_replaces(method, extra, tiny_model, concept_dir, tmp_path):
+    """fileio.run_entries names what --overwrite moves aside: it must cover all a run writes (else an old run's file
+    of a kind it misses would stay beside the new run's)."""
+    from adapt.fileio import run_entries
+
+    out = tmp_path / "run"
+    code, log = run(method, "--images", concept_dir, "--token", "<sks>", "--model", tiny_model, "--output", out,
+                    "--steps", "2", *extra)
+    assert code == 0, log
+    assert sorted(e.name for e in run_entries(out)) == sorted(e.name for e in out.iterdir() if e.name != ".adapt.lock")

@@ -164,7 +164,7 @@ def test_cli_holds_out_images_and_logs_val_loss(tiny_model, concept_dir, tmp_pat
     (["--keep-best", "--validation-split", "0.3"], "--keep-best needs a validation set .* and --checkpoint-every N"),
     (["--validation-split", "1"], "--validation-split must be in \\[0, 1\\), got 1.0"),
     (["--validation-split", "0.3", "--validation-images", "."], "pass either --validation-split or --validation-images"),
-    (["--validation-images", "nowhere"], "--validation-images nowhere is not a folder"),
+    (["--validation-images", "nowhere"], "--validation-images nowhere does not exist"),
     (["--validation-images", "IMAGES"], "--validation-images .* holds training images"),
     (["--images", "ONE", "--validation-split", "0.1"], "holds out 1 of 1 image\\(s\\), leaving none to train on"),
 ])
