@@ -35,6 +35,7 @@ def _imports_after(argv: list[str]) -> tuple[int, bool]:
     (["lora", "--images", "EMPTY", "--token", "<sks>"], 2),
     (["lora", "--images", "IMAGES", "--token", "<sks>", "--output", "EMPTY", "--resume", "latest"], 2),
     (["eval", "--prompt", "x", "--set", "EMPTY"], 2),
+    (["lora", "--images", "IMAGES", "--token", "<sks>", "--validation-images", "EMPTY"], 2),
     (["merge", "--lora", "IMAGES/a.png", "--output", "x.safetensors", "--rank", "0"], 2),
 ])
 def test_help_and_argument_errors_do_not_import_torch(argv, code, tmp_path):
