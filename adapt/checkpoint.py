@@ -37,19 +37,12 @@ import safetensors.torch  # save_file looked up at call time (tests patch it)
 import torch
 
 from .errors import AdaptError
-from .fileio import CHECKPOINT_PREFIX, atomic_dir
+from .fileio import CHECKPOINT_PREFIX, atomic_dir, list_checkpoints
 
 log = logging.getLogger("adapt")
-PREFIX = CHECKPOINT_PREFIX
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "loop.json")
 EMA_FILE = "ema.safetensors"  # only in the checkpoints of runs with --ema-decay
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "loop.json").is_file())
 
 
 def find_checkpoint(root: Path, resume: str) -> Path:
@@ -112,7 +105,7 @@ def write_manifest(folder: Path) -> None:
 
 
 def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step:06d}"
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
 def save_checkpoint(root: Path, step: int, named_params: dict, optimizer, lr_scheduler, scaler,

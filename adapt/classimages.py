@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from . import infer  # infer.generate / load_pipeline looked up at call time (tests patch them)
 from .errors import AdaptError
-from .fileio import write_json
-from .images import IMAGE_SUFFIXES, save_image
+from .fileio import IMAGE_SUFFIXES, write_json
+from .images import save_image
 from .locks import FolderLock, remove_partial_files
 from .models import resolve_model
 from .schedulers import DEFAULT_SCHEDULER

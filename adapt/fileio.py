@@ -48,10 +48,16 @@ def run_entries(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(e for e in run_dir.iterdir() if e.name in names or (e.suffix == ".safetensors" and e.is_file()))
 
 
+def list_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders under `root` (OUTPUT/checkpoints; checkpoint.py writes them), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "loop.json").is_file())
+
+
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
-    """Whether a run folder holds a checkpoint (checkpoint.py writes them; this test stays light)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    return root.is_dir() and any((p / "loop.json").is_file() for p in root.glob(CHECKPOINT_PREFIX + "*"))
+    """Whether a run folder holds a checkpoint."""
+    return bool(list_checkpoints(Path(run_dir) / CHECKPOINTS_DIR))
 
 
 @contextmanager

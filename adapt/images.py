@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .fileio import IMAGE_SUFFIXES, atomic_path  # noqa: F401 (IMAGE_SUFFIXES: read from here too)
+from .fileio import atomic_path
 from .untrusted import check_pixels
 
 
