@@ -199,7 +199,7 @@ def test_the_embedding_stops_after_its_fraction_and_resume_across_the_stop_is_ex
 def test_cli_pivotal_run_options_and_errors(tiny_model, concept_dir, tmp_path):
     common = ["--images", concept_dir, "--token", TOKEN, "--model", tiny_model, "--steps", "2"]
     code, log = run("lora", *common, "--pivotal", "--output", tmp_path / "x")
-    assert code == 2 and "pivotal tuning needs --init-token WORD" in log and "--init-token cat" in log
+    assert code == 2 and "pivotal tuning needs --init-token WORD" in log and "--init-token flat" in log
     code, log = run("lora", *common, "--init-token", "cat", "--output", tmp_path / "x")
     assert code == 2 and "are for pivotal tuning; add --pivotal" in log
     code, log = run("lora", *common, "--pivotal", "--init-token", "cat", "--embedding-steps-fraction", "0")

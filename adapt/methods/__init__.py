@@ -68,7 +68,7 @@ file as learned_embeds.safetensors and inside the kohya file; `adapt generate --
 Example:
   adapt lora --images examples/cat --token "<sks>" --output outputs/cat-lora
   adapt generate "an emoji of <sks> cat face" --lora outputs/cat-lora/pytorch_lora_weights.safetensors
-  adapt lora --images examples/cat --token "<sks>" --pivotal --init-token cat --embedding-steps-fraction 0.5
+  adapt lora --images examples/cat --token "<sks>" --pivotal --init-token flat --output outputs/cat-pivotal
 """,
     'dreambooth': """DreamBooth: fine-tune the whole UNet (optionally the text encoder) on a few images of one
 subject bound to a rare token, with prior preservation on generated class images.
