@@ -89,9 +89,9 @@ class LoraConfig:
     rank_stabilised: bool = option(False, "rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank (lora and dora).")
     pivotal: bool = option(False, "Pivotal tuning: also learn the token as a new word (its embedding, as textual inversion does) together "
                        "with the LoRA; the embedding is saved beside the LoRA file and inside the kohya one. Needs --init-token.")
-    init_token: str | None = option(None, "With --pivotal: an existing single-token word the new embedding starts from: how the "
-                                   "concept looks, not the class word the captions already say (examples/cat: 'flat'); or a "
-                                   "phrase of exactly --num-vectors tokens, one vector from each.")
+    init_token: str | None = option(None, "With --pivotal: an existing single-token word the new embedding starts from, e.g. "
+                                   "'flat' for examples/cat (README, Pivotal tuning: which word); or a phrase of exactly "
+                                   "--num-vectors tokens, one vector from each.")
     num_vectors: int = option(1, "With --pivotal: embedding vectors for the token (more = more capacity; token, token_1, ...).")
     embedding_steps_fraction: float = option(1.0, "With --pivotal: the embedding learns during this fraction of the steps, then "
                                          "stays as it is (learning rate 0) while the LoRA goes on; 1 = the whole run.")

@@ -14,8 +14,9 @@ import pytest
 # 16x16 feature space to the nearest examples/cat image; lower = closer); benchmarks/pivotal_sweep.py's `distance`.
 # Measured at training seed 0: LoRA alone 7.149, textual inversion 7.382, pivotal 6.656. Over training seeds 0-15
 # (README, "Pivotal tuning") pivotal is closer than LoRA alone at every seed, by 0.59 on average, and than textual
-# inversion at each of seeds 0-3. The win is the starting word's: at 750 steps LoRA alone catches up and is closer
-# (README), and from --init-token cat, the class word the captions already hold, pivotal is even with LoRA alone.
+# inversion at each of seeds 0-3. The win is the starting word's (README): LoRA alone with --token flat is as close, at
+# 750 steps LoRA alone catches up and is closer, and from --init-token cat, the class word the captions already hold,
+# pivotal is even with LoRA alone.
 
 
 @pytest.fixture(scope="module")  # the two tests read the same runs

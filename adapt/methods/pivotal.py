@@ -54,9 +54,8 @@ class PivotalMethod(Method):
         if train.embedding_lr is None and train.optimizer != "prodigy":
             train.embedding_lr = train.lr * EMBEDDING_LR_FRACTION
         if not lora.init_token:
-            raise AdaptError("pivotal tuning needs --init-token WORD: an existing word for how the concept looks (the token's "
-                             "new embedding starts from it), not the class word your captions already say; e.g. "
-                             "--init-token flat for examples/cat's flat-style cats")
+            raise AdaptError("pivotal tuning needs --init-token WORD: an existing word the token's new embedding starts "
+                             "from, e.g. --init-token flat for examples/cat's flat-style cats (README, Pivotal tuning)")
         if token and "." in token and "kohya" in lora.layouts:
             raise AdaptError(f"the token {token!r} has a '.', which A1111 cannot read from a LoRA file's bundled embedding "
                              "(bundle_emb.<token>.*); pick a token without one, e.g. '<sks>'")
