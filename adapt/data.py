@@ -64,12 +64,13 @@ def fill_prompt(template: str, token: str | None, class_word: str | None) -> str
 
 
 def instance_examples(folder: str | Path, token: str | None, template: str | list[str],
-                      class_word: str | None = None) -> list[Example]:
+                      class_word: str | None = None, flag: str = "--images") -> list[Example]:
     """Images of `folder`; prompt from `name.txt` beside the image or from `metadata.jsonl`
     (`file_name`/`file` + `text`/`caption`), else from the template; {token} is substituted.
-    With a list of templates, an image without a caption gives one example per template."""
+    With a list of templates, an image without a caption gives one example per template. `flag`:
+    the option that named the folder, for the error when it is missing or empty."""
     folder = Path(folder)
-    images = list_images(folder)
+    images = list_images(folder, flag)
     captions: dict[str, str] = {}
     meta = folder / "metadata.jsonl"
     if meta.is_file():

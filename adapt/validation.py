@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from .checks import list_images
 from .checkpoint import checkpoint_name
 from .data import Example, check_images, instance_examples
 from .errors import AdaptError
@@ -57,9 +56,8 @@ def held_out(examples: list[Example], cfg: TrainConfig, data, template, resoluti
     """(training, held-out) examples of a run: --validation-images DIR, --validation-split, or none."""
     if cfg.validation_images:
         folder = Path(cfg.validation_images)
-        list_images(folder, "--validation-images")  # missing, a file or empty: named by its own flag
-        held = check_images(instance_examples(folder, data.token, template, data.class_word), resolution,
-                            data.skip_bad_images)
+        held = check_images(instance_examples(folder, data.token, template, data.class_word, "--validation-images"),
+                            resolution, data.skip_bad_images)
         both = {ex.image.resolve() for ex in held} & {ex.image.resolve() for ex in examples}
         if both:
             raise AdaptError(f"--validation-images {folder} holds training images ({min(both).name}); "

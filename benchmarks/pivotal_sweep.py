@@ -108,7 +108,8 @@ def render(name: str, steps: int, seed: int, prompt: str, guidance: float | None
 
 def twemoji_share(images: list) -> float:
     """tests/test_learning.py's Twemoji-cat rate of `images` (a benchmark of the test suite's own measure)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    if str(ROOT / "tests") not in sys.path:  # called once per run
+        sys.path.insert(0, str(ROOT / "tests"))
     from test_learning import _twemoji_cat_rate
 
     from adapt.metrics import features
